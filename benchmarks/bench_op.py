@@ -1,0 +1,173 @@
+"""MoBA op vs dense causal attention (cuDNN SDPA and FlashAttention-2), same GPU, same inputs.
+
+Prints forward and forward+backward time, peak memory beyond the inputs, and TFLOP/s counted on
+the FLOPs each method actually needs (MoBA: its selected keys; dense: the causal triangle).
+
+    python benchmarks/bench_op.py                 # the cases of benchmarks/RESULTS.md
+    python benchmarks/bench_op.py --case 128k-4096-12 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moba_megatron import moba_attn_varlen
+
+K = 1024
+
+
+@dataclass
+class Case:
+    name: str
+    seqlen: int
+    chunk: int
+    topk: int
+    hq: int = 8
+    hkv: int = 8
+    dense: bool = False  # also time the dense baselines at this length
+
+
+CASES = [
+    Case("128k-4096-12", 128 * K, 4096, 12, dense=True),
+    Case("128k-2048-3", 128 * K, 2048, 3),
+    Case("128k-4096-12-gqa32x8", 128 * K, 4096, 12, hq=32, hkv=8),
+    Case("512k-8192-3", 512 * K, 8192, 3),
+    Case("512k-4096-12", 512 * K, 4096, 12, dense=True),
+    Case("1m-4096-12", 1024 * K, 4096, 12),
+]
+
+
+def moba_flops(seqlen: int, chunk: int, topk: int, heads: int, d: int) -> float:
+    """Forward FLOPs of the keys MoBA attends: own block causally plus up to topk-1 full blocks."""
+    total_keys = 0
+    for b in range(math.ceil(seqlen / chunk)):
+        n = min(chunk, seqlen - b * chunk)
+        total_keys += n * (n + 1) // 2 + n * min(b, topk - 1) * chunk
+    return 4.0 * d * heads * total_keys
+
+
+def dense_flops(seqlen: int, heads: int, d: int) -> float:
+    return 4.0 * d * heads * seqlen * (seqlen + 1) / 2
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
+def measure(forward, inputs, dout, reps):
+    def fwd():
+        with torch.no_grad():
+            forward(*inputs)
+
+    def fwd_bwd():
+        for x in inputs:
+            x.grad = None
+        forward(*inputs).backward(dout)
+
+    t_fwd = timed(fwd, reps)
+    t_all = timed(fwd_bwd, reps)
+    for x in inputs:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for x in inputs:
+        x.grad = None
+    return t_fwd, t_all, peak
+
+
+def run_case(case: Case, d: int, reps: int, profile: bool):
+    torch.manual_seed(0)
+    t = case.seqlen
+    q = torch.randn(t, case.hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(t, case.hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(t, case.hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    cu = torch.tensor([0, t], dtype=torch.int32, device="cuda")
+    rows = []
+
+    def moba(q, k, v):
+        return moba_attn_varlen(q, k, v, cu, t, case.chunk, case.topk)
+
+    try:
+        t_fwd, t_all, peak = measure(moba, (q, k, v), dout, reps)
+        flops = moba_flops(t, case.chunk, case.topk, case.hq, d)
+        rows.append(("moba", t_fwd, t_all, peak, flops))
+    except torch.OutOfMemoryError:
+        rows.append(("moba", None, None, None, None))
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            moba(q, k, v).backward(dout)
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    if case.dense:
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+            if case.hq != case.hkv:
+                continue
+
+            def dense(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    x = [y.unsqueeze(0).transpose(1, 2) for y in (q, k, v)]
+                    return torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True).transpose(1, 2)[0]
+
+            try:
+                t_fwd, t_all, peak = measure(dense, (q, k, v), dout, max(1, reps // 2))
+                rows.append((name, t_fwd, t_all, peak, dense_flops(t, case.hq, d)))
+            except torch.OutOfMemoryError:
+                rows.append((name, None, None, None, None))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", help="case name(s); default: all")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of MoBA fwd+bwd")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    cases = [c for c in CASES if not args.case or c.name in args.case]
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, D={args.head_dim}")
+    header = f"{'case':<22}{'method':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GB':>9}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+    print(header)
+    results = []
+    for case in cases:
+        for name, t_fwd, t_all, peak, flops in run_case(case, args.head_dim, args.reps, args.profile):
+            if t_fwd is None:
+                print(f"{case.name:<22}{name:<8}{'out of memory':>30}")
+                results.append(dict(case=case.name, method=name, oom=True))
+                continue
+            print(
+                f"{case.name:<22}{name:<8}{t_fwd * 1e3:>9.1f}{t_all * 1e3:>12.1f}{peak / 1e9:>9.2f}"
+                f"{flops / t_fwd / 1e12:>10.0f}{3.5 * flops / t_all / 1e12:>10.0f}"
+            )
+            results.append(dict(case=case.name, method=name, fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_all * 1e3,
+                                peak_gb=peak / 1e9, fwd_tflops=flops / t_fwd / 1e12,
+                                fwd_bwd_tflops=3.5 * flops / t_all / 1e12))
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

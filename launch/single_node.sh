@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# torchrun on one machine: launch/single_node.sh NPROC python-module [args...]
+#   launch/single_node.sh 2 moba_megatron.demo --seq-len 8192
+# NPROC defaults to the GPU count, or 2 CPU ranks (gloo) without GPUs.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+NPROC="${1:?usage: single_node.sh NPROC MODULE [ARGS...]}"; shift
+MODULE="${1:?usage: single_node.sh NPROC MODULE [ARGS...]}"; shift
+exec torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m "$MODULE" "$@"

@@ -1,0 +1,93 @@
+"""MoBA gating: score each query against the completed blocks before its own and pick the best.
+
+The gate is ``q . mean(k over block)`` in fp32. Every candidate block is a completed block of
+exactly ``chunk`` keys, so ranking by the block's key *sum* gives the same order as the mean while
+staying exact for inputs the sum can hold exactly; that is what is ranked here.
+
+Scores are computed in token tiles, so no ``[blocks, heads, tokens]`` tensor is ever materialized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import BlockLayout
+
+_TILE_ELEMENTS = 1 << 25  # scores per tile (fp32 scores + int64 keys: ~400 MB)
+_INVALID = torch.iinfo(torch.int64).min
+_NO_BLOCK = torch.iinfo(torch.int32).max
+
+
+def block_key_sums(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Sum of the keys of every block, ``[num_blocks, Hkv, D]`` fp32.
+
+    Sums of partial last blocks are left out of the gather's bounds check on purpose: those
+    blocks are never candidates, so their value is never read.
+    """
+    nb = layout.num_blocks
+    _, hkv, d = k.shape
+    sums = torch.empty(nb, hkv, d, dtype=torch.float32, device=k.device)
+    if nb == 0:
+        return sums
+    starts = layout.block_starts_dev
+    offsets = torch.arange(layout.chunk, device=k.device)
+    tile = max(1, _TILE_ELEMENTS // (layout.chunk * hkv * d))
+    last = layout.num_tokens - 1
+    for b0 in range(0, nb, tile):
+        idx = (starts[b0 : b0 + tile, None] + offsets).clamp_(max=last)
+        sums[b0 : b0 + tile] = torch.sum(k[idx], dim=1, dtype=torch.float32)
+    return sums
+
+
+def _sortable(scores: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Pack (score, block id) into one int64 whose order is: higher score first, then lower id."""
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 folds -0.0 into +0.0
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE order -> two's complement order
+    return (bits.to(torch.int64) << 32) | (0x7FFFFFFF - block_ids)
+
+
+def select_blocks(
+    q: torch.Tensor, block_sums: torch.Tensor, layout: BlockLayout, num_selected: int
+) -> torch.Tensor:
+    """The ``num_selected`` best earlier blocks of every (query, head).
+
+    Returns ``[T, Hq, num_selected]`` int32 global block ids in ascending order, padded with -1
+    where a query has fewer candidates. Ties go to the lower block index.
+    """
+    t, hq, d = q.shape
+    hkv = block_sums.shape[1]
+    sel = torch.full((t, hq, num_selected), -1, dtype=torch.int32, device=q.device)
+    if num_selected == 0 or t == 0:
+        return sel
+    span = layout.max_candidates + 1
+    tile = max(1, _TILE_ELEMENTS // (hq * span))
+    starts = layout.block_starts
+    lens = layout.block_lens
+    block_of = _host_token_to_block(starts, lens)
+    for t0 in range(0, t, tile):
+        t1 = min(t, t0 + tile)
+        lo = layout.block_first[block_of(t0)]
+        hi = block_of(t1 - 1)  # candidates lie strictly before a query's own block
+        if hi <= lo:
+            continue
+        qt = q[t0:t1].float().view(t1 - t0, hkv, hq // hkv, d)
+        scores = torch.einsum("thgd,bhd->thgb", qt, block_sums[lo:hi]).reshape(t1 - t0, hq, hi - lo)
+        ids = torch.arange(lo, hi, device=q.device)
+        own = layout.token_block[t0:t1, None]
+        first = layout.token_first_block[t0:t1, None]
+        valid = (ids >= first) & (ids < own)
+        keys = torch.where(valid[:, None, :], _sortable(scores, ids), _INVALID)
+        n = min(num_selected, hi - lo)
+        best, where = keys.topk(n, dim=-1, sorted=False)
+        chosen = torch.where(best != _INVALID, where + lo, _NO_BLOCK).sort(dim=-1).values
+        sel[t0:t1, :, :n] = torch.where(chosen == _NO_BLOCK, -1, chosen).to(torch.int32)
+    return sel
+
+
+def _host_token_to_block(starts: list[int], lens: list[int]):
+    import bisect
+
+    def block_of(token: int) -> int:
+        return bisect.bisect_right(starts, token) - 1 if lens else 0
+
+    return block_of

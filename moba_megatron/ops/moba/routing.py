@@ -1,0 +1,153 @@
+"""Turn block selections into kernel calls over the selected blocks.
+
+Every selection (query, head, slot) becomes a row. Rows are sorted by (head, block), so the queries
+that chose one block of one head are consecutive. They are cut into *tiles*, each attending one
+full block of C keys, and tiles are packed into *pieces*, one kernel call each, sized to a memory
+budget. For fixed-shape kernels every tile of a piece is padded to the piece's width; full-width
+tiles and the remainders are packed apart, remainders by size, so little padding is computed.
+Keys reach a call as the tiles' blocks of a block-major copy of K (one copy, never repeated per
+GQA head).
+
+Heads are processed in groups so the fp32 merge and gradient state stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout
+
+PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
+STATE_BUDGET_ELEMENTS = 1 << 27  # per-slot partial results ([T, heads, slots, D]) per head group
+_REMAINDER_FILL = 0.75  # a remainder tile starts a new piece below this fraction of its width...
+_MIN_WIDTH = 512  # ...unless the piece is this narrow already (few launches beat less padding)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One kernel call: tiles of a head group's sorted rows, each attending one block."""
+
+    width: int | None  # padded rows per tile; None: unpadded (varlen kernels)
+    max_rows: int
+    tile_row0: torch.Tensor  # [tiles] int64, first sorted row of each tile
+    tile_rows: torch.Tensor  # [tiles] int64, rows in each tile
+    tile_block: torch.Tensor  # [tiles] int64, kv_head * num_blocks + block: the tile's keys
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_rows.numel()
+
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sorted-row index of every kernel row, and which of them are real (None: all)."""
+        if self.width is None:
+            starts = self.tile_rows.cumsum(0) - self.tile_rows
+            tile = torch.repeat_interleave(torch.arange(self.num_tiles, device=starts.device), self.tile_rows)
+            return self.tile_row0[tile] + torch.arange(tile.numel(), device=tile.device) - starts[tile], None
+        pos = torch.arange(self.width, device=self.tile_rows.device)
+        valid = pos[None, :] < self.tile_rows[:, None]
+        # Padding repeats the tile's last row: finite inputs, and their results are dropped.
+        rows = self.tile_row0[:, None] + torch.minimum(pos[None, :], self.tile_rows[:, None] - 1)
+        return rows.flatten(), valid.flatten()
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    h0: int  # query heads [h0, h1)
+    h1: int
+    order: torch.Tensor  # [rows] int64, flat index into [T, h1 - h0, slots] of each row, sorted
+    pieces: list[Piece]
+
+
+def count_selections(sel: torch.Tensor, num_blocks: int) -> list[list[int]]:
+    """Host table ``counts[h][j]``: how many queries of head h chose block j.
+
+    This is the op's one device-to-host copy after gating: kernel launches need tile counts and
+    widths on the host.
+    """
+    _, hq, _ = sel.shape
+    valid = sel >= 0
+    heads = torch.arange(hq, device=sel.device).view(1, hq, 1)
+    keys = (heads * num_blocks + sel.long())[valid]
+    counts = torch.bincount(keys, minlength=hq * num_blocks)
+    return counts.view(hq, num_blocks).cpu().tolist()
+
+
+def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[int, int]]:
+    """Ranges of query heads whose state (``cell_elements`` per head) fits the budget; a range
+    never splits a GQA group unevenly, so kv-head gradient accumulators flush at group ends."""
+    per = max(1, STATE_BUDGET_ELEMENTS // max(1, cell_elements))
+    if per >= group:
+        per = min(num_heads, per // group * group)
+    else:
+        per = max(d for d in range(1, group + 1) if group % d == 0 and d <= per)
+    return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
+
+
+def plan_routes(
+    sel: torch.Tensor, layout: BlockLayout, num_kv_heads: int, head_dim: int, tile_width: int | None
+) -> list[HeadGroup]:
+    """Plan the routed calls. ``tile_width=None`` makes one unpadded tile per (head, block), for
+    varlen kernels; an int cuts tiles of at most that many rows, for padded fixed-shape kernels."""
+    t, hq, slots = sel.shape
+    group = hq // num_kv_heads
+    nb = layout.num_blocks
+    counts = count_selections(sel, nb)
+    device = sel.device
+    groups = []
+    for h0, h1 in head_groups(hq, group, t * slots * head_dim):
+        nh = h1 - h0
+        rows = sum(sum(counts[h]) for h in range(h0, h1))
+        if rows == 0:
+            continue
+        local = torch.arange(nh, device=device).view(1, nh, 1)
+        keys = torch.where(sel[:, h0:h1] >= 0, local * nb + sel[:, h0:h1].long(), nh * nb).flatten()
+        order = torch.sort(keys, stable=True).indices[:rows]
+        full, rest = [], []  # tiles as (first row, rows, kv block)
+        row = 0
+        for h in range(h0, h1):
+            for j, n in enumerate(counts[h]):
+                step = tile_width or max(n, 1)
+                for r0 in range(0, n, step):
+                    tile = (row + r0, min(step, n - r0), (h // group) * nb + j)
+                    (full if tile[1] == tile_width else rest).append(tile)
+                row += n
+        rest.sort(key=lambda tile: -tile[1])
+        tiles = full + rest
+        bounds = _pack(full, tile_width, layout.chunk, head_dim)
+        bounds += [(len(full) + a, len(full) + b, w) for a, b, w in _pack(rest, tile_width, layout.chunk, head_dim)]
+        # One host-to-device copy for every tile table of the group.
+        table = torch.tensor(tiles, dtype=torch.int64).t().contiguous().to(device, non_blocking=True)
+        pieces = [
+            Piece(
+                width=w,
+                max_rows=max(n for _, n, _ in tiles[a:b]),
+                tile_row0=table[0, a:b],
+                tile_rows=table[1, a:b],
+                tile_block=table[2, a:b],
+            )
+            for a, b, w in bounds
+        ]
+        groups.append(HeadGroup(h0, h1, order, pieces))
+    return groups
+
+
+def _pack(tiles, tile_width, chunk, head_dim) -> list[tuple[int, int, int | None]]:
+    """Greedy packing of tiles (remainders arrive largest first) into budgeted pieces:
+    ``(first tile, end tile, padded width)`` each."""
+    pieces, start = [], 0
+    while start < len(tiles):
+        width = None if tile_width is None else -(-tiles[start][1] // 64) * 64
+        cost, end = 0, start
+        while end < len(tiles):
+            n = tiles[end][1]
+            tile_cost = ((width or n) + 2 * chunk) * head_dim
+            narrower = width and width > _MIN_WIDTH and n < _REMAINDER_FILL * width
+            if end > start and (cost + tile_cost > PIECE_BUDGET_ELEMENTS or narrower):
+                break
+            cost += tile_cost
+            end += 1
+        pieces.append((start, end, width))
+        start = end
+    return pieces

@@ -1,0 +1,61 @@
+"""The op on CUDA: both CUDA backends in bf16/fp16, and the torch backend in fp32, against the reference."""
+
+import pytest
+import torch
+
+from moba_megatron import moba_attn_varlen
+from moba_megatron.ops.moba import moba_attn_varlen_reference
+from tests.helpers import assert_close, make_qkv, run_with_grads
+
+pytestmark = pytest.mark.gpu
+
+
+def check(lens, chunk, topk, hq, hkv, d, dtype, backend, seed=0, tol=2e-2):
+    q, k, v, cu = make_qkv(lens, hq, hkv, d, seed=seed, device="cuda", dtype=dtype)
+    dout = torch.randn(q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(dtype)
+    out, grads = run_with_grads(
+        lambda a, b, c: moba_attn_varlen(a, b, c, cu, max(lens), chunk, topk, backend=backend), q, k, v, dout
+    )
+    ref, ref_grads = run_with_grads(
+        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk), q.float(), k.float(), v.float(), dout.float()
+    )
+    assert_close(out, ref, tol, tol, "out")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, tol, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "torch_flash", None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lens", [[1000], [1024], [1, 300, 0, 77, 640], [129]])
+@pytest.mark.parametrize("topk", [1, 2, 3, 100])
+def test_flash_kernels(backend, dtype, lens, topk):
+    check(lens, 64, topk, 8, 2, 64, dtype, backend)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("backend", ["cudnn", "torch_flash"])
+def test_gqa_and_head_dims(group, d, backend):
+    check([700, 333], 96, 3, 8, 8 // group, d, torch.bfloat16, backend)
+
+
+def test_fp32_on_gpu_uses_torch_backend():
+    check([300, 90], 32, 3, 4, 2, 32, torch.float32, None, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "torch_flash"])
+def test_long_sequence(backend):
+    # Blocks chosen by thousands of queries: several padded tiles per block on the cudnn path.
+    check([8192], 512, 4, 4, 2, 128, torch.bfloat16, backend)
+
+
+def test_rerun_gives_the_same_result():
+    q, k, v, cu = make_qkv([4096], 8, 2, 128, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(q)
+    fn = lambda a, b, c: moba_attn_varlen(a, b, c, cu, 4096, 256, 4)  # noqa: E731
+    o1, g1 = run_with_grads(fn, q, k, v, dout)
+    o2, g2 = run_with_grads(fn, q, k, v, dout)
+    # Partial results are summed with float atomics on the GPU: allow rounding noise only.
+    assert_close(o1, o2, 1e-2, 1e-2, "out rerun")
+    for a, b in zip(g1, g2):
+        assert_close(a, b, 1e-2, 1e-2, "grad rerun")
