@@ -7,7 +7,8 @@ is_312() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/nul
 
 find_python() {
     local c
-    for c in "${PYTHON:-}" python3.13 python3.12 python3; do
+    # 3.12 first: it is the version megatron-core 0.19 publishes wheels for.
+    for c in "${PYTHON:-}" python3.12 python3 python3.13; do
         if [ -n "$c" ] && command -v "$c" >/dev/null && is_312 "$(command -v "$c")"; then
             command -v "$c"; return
         fi
@@ -15,7 +16,7 @@ find_python() {
     # pyenv keeps versions that are not on PATH
     local root="${PYENV_ROOT:-$HOME/.pyenv}"
     command -v pyenv >/dev/null && root="$(pyenv root)"
-    for c in $(ls -d "$root"/versions/3.1[2-9]*/bin/python 2>/dev/null | sort -rV); do
+    for c in $(ls -d "$root"/versions/3.12*/bin/python "$root"/versions/3.1[3-9]*/bin/python 2>/dev/null); do
         if is_312 "$c"; then echo "$c"; return; fi
     done
     echo "error: no Python >= 3.12 found (megatron-core 0.19 needs it); install one or set PYTHON=" >&2
