@@ -31,6 +31,7 @@ class Piece:
 
     width: int | None  # padded rows per tile; None: unpadded (varlen kernels)
     max_rows: int
+    num_rows: int  # real rows over all tiles
     tile_row0: torch.Tensor  # [tiles] int64, first sorted row of each tile
     tile_rows: torch.Tensor  # [tiles] int64, rows in each tile
     tile_block: torch.Tensor  # [tiles] int64, kv_head * num_blocks + block: the tile's keys
@@ -43,7 +44,9 @@ class Piece:
         """Sorted-row index of every kernel row, and which of them are real (None: all)."""
         if self.width is None:
             starts = self.tile_rows.cumsum(0) - self.tile_rows
-            tile = torch.repeat_interleave(torch.arange(self.num_tiles, device=starts.device), self.tile_rows)
+            tile = torch.repeat_interleave(
+                torch.arange(self.num_tiles, device=starts.device), self.tile_rows, output_size=self.num_rows
+            )
             return self.tile_row0[tile] + torch.arange(tile.numel(), device=tile.device) - starts[tile], None
         pos = torch.arange(self.width, device=self.tile_rows.device)
         valid = pos[None, :] < self.tile_rows[:, None]
@@ -123,6 +126,7 @@ def plan_routes(
             Piece(
                 width=w,
                 max_rows=max(n for _, n, _ in tiles[a:b]),
+                num_rows=sum(n for _, n, _ in tiles[a:b]),
                 tile_row0=table[0, a:b],
                 tile_rows=table[1, a:b],
                 tile_block=table[2, a:b],
