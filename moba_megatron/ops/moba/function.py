@@ -17,7 +17,7 @@ import torch
 from ..varlen import VarlenBackend, get_backend
 from .gating import block_key_sums, select_blocks
 from .layout import BlockLayout, block_layout
-from .routing import HeadGroup, Piece, plan_routes
+from .routing import HeadGroup, Piece, SelectionCounts, plan_routes
 from .validate import check_max_seqlen, check_positive_int, check_qkv, check_scale, host_cu_seqlens
 
 _MERGE_TILE_ELEMENTS = 1 << 26
@@ -110,11 +110,13 @@ class MoBAFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         slots = min(topk - 1, layout.max_candidates)
         mb = layout.max_block_len
+        if slots > 0:  # gate first: the own-block call below then hides the wait for counts
+            sel = select_blocks(q, block_key_sums(k, layout), layout, slots)
+            counts = SelectionCounts(sel, layout.num_blocks)
         out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)
         groups: list[HeadGroup] = []
         if slots > 0:
-            sel = select_blocks(q, block_key_sums(k, layout), layout, slots)
-            groups = plan_routes(sel, layout, hkv, d, backend.tile_width)
+            groups = plan_routes(sel, counts, layout, hkv, d, backend.tile_width)
             del sel
         if groups:
             q_flat = q.view(-1, d)

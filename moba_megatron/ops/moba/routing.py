@@ -63,18 +63,32 @@ class HeadGroup:
     pieces: list[Piece]
 
 
-def count_selections(sel: torch.Tensor, num_blocks: int) -> list[list[int]]:
+class SelectionCounts:
     """Host table ``counts[h][j]``: how many queries of head h chose block j.
 
-    This is the op's one device-to-host copy after gating: kernel launches need tile counts and
-    widths on the host.
-    """
-    _, hq, _ = sel.shape
-    valid = sel >= 0
-    heads = torch.arange(hq, device=sel.device).view(1, hq, 1)
-    keys = (heads * num_blocks + sel.long())[valid]
-    counts = torch.bincount(keys, minlength=hq * num_blocks)
-    return counts.view(hq, num_blocks).cpu().tolist()
+    This is the op's one device-to-host copy after gating (kernel launches need tile counts and
+    widths on the host). It is started here and awaited in ``wait``, so the own-block attention
+    launched in between hides the wait."""
+
+    def __init__(self, sel: torch.Tensor, num_blocks: int):
+        _, hq, _ = sel.shape
+        valid = sel >= 0
+        heads = torch.arange(hq, device=sel.device).view(1, hq, 1)
+        keys = (heads * num_blocks + sel.long())[valid]
+        counts = torch.bincount(keys, minlength=hq * num_blocks).view(hq, num_blocks)
+        self.event = None
+        if counts.is_cuda:
+            self.host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self.host.copy_(counts, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = counts
+
+    def wait(self) -> list[list[int]]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[int, int]]:
@@ -89,14 +103,19 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
 
 
 def plan_routes(
-    sel: torch.Tensor, layout: BlockLayout, num_kv_heads: int, head_dim: int, tile_width: int | None
+    sel: torch.Tensor,
+    counts: SelectionCounts,
+    layout: BlockLayout,
+    num_kv_heads: int,
+    head_dim: int,
+    tile_width: int | None,
 ) -> list[HeadGroup]:
     """Plan the routed calls. ``tile_width=None`` makes one unpadded tile per (head, block), for
     varlen kernels; an int cuts tiles of at most that many rows, for padded fixed-shape kernels."""
     t, hq, slots = sel.shape
     group = hq // num_kv_heads
     nb = layout.num_blocks
-    counts = count_selections(sel, nb)
+    counts = counts.wait()
     device = sel.device
     groups = []
     for h0, h1 in head_groups(hq, group, t * slots * head_dim):

@@ -1,0 +1,121 @@
+"""``MoBAAttention``: a megatron-core core-attention module, a drop-in for DotProductAttention.
+
+Takes what Megatron's SelfAttention hands its core attention (sbhd ``[s, b, heads, dim]`` or, with
+``packed_seq_params.qkv_format == 'thd'``, ``[t, heads, dim]``), flattens it to the packed layout of
+``moba_attn_varlen`` and returns ``[s, b, heads * dim]`` (or ``[t, heads * dim]``). Tensor parallelism
+needs nothing here: heads are already split, and MoBA is per head. Heads are read from the tensors,
+so GQA with fewer query groups than TP ranks works as Megatron lays it out.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from ..ops import moba_attn_varlen
+
+
+class MoBAAttention(MegatronModule):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        for name in ("moba_chunk_size", "moba_topk"):
+            if not hasattr(config, name):
+                raise ValueError(
+                    f"MoBAAttention needs a MoBATransformerConfig (config has no {name}); "
+                    "build the model from moba_megatron.MoBATransformerConfig"
+                )
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(
+                f"MoBAAttention supports attn_mask_type=AttnMaskType.causal only, got {attn_mask_type}"
+            )
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"MoBAAttention has no attention dropout: set attention_dropout=0 (got {dropout})")
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                f"MoBAAttention does not support context_parallel_size > 1 yet "
+                f"(got {config.context_parallel_size}); use context_parallel_size=1"
+            )
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"MoBAAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError("MoBAAttention does not combine with window_size (sliding-window attention)")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale  # None: 1/sqrt(head_dim), as DotProductAttention
+        self.full_attention = self.layer_number in config.moba_full_attn_layers
+        self.moba_enabled = config.moba_enabled
+        self._cu_cache: dict = {}
+
+    def _uniform_cu_seqlens(self, batch: int, seqlen: int, device) -> torch.Tensor:
+        key = (batch, seqlen, device)
+        if key not in self._cu_cache:
+            self._cu_cache = {key: torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)}
+        return self._cu_cache[key]
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask=None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"MoBAAttention supports causal masks only, got {attn_mask_type}")
+        if attention_bias is not None:
+            raise ValueError("MoBAAttention does not take an attention_bias")
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            q, k, v = query, key, value
+            cu = packed_seq_params.cu_seqlens_q
+            padded = packed_seq_params.cu_seqlens_q_padded
+            if padded is not None and not torch.equal(padded, cu):
+                raise ValueError("MoBAAttention does not support padded THD (cu_seqlens_q_padded != cu_seqlens_q)")
+            max_seqlen = packed_seq_params.max_seqlen_q
+            if max_seqlen is None:
+                max_seqlen = int((cu[1:] - cu[:-1]).max())
+        else:
+            sq, b = query.shape[:2]
+            q, k, v = (x.transpose(0, 1).reshape(b * sq, x.shape[2], x.shape[3]) for x in (query, key, value))
+            cu = self._uniform_cu_seqlens(b, sq, query.device)
+            max_seqlen = sq
+        if cu.dtype != torch.int32:
+            cu = cu.to(torch.int32)
+        if self.full_attention or not self.moba_enabled:
+            # Full causal attention through the same kernels: one block spans each sequence.
+            chunk, topk = max(1, int(max_seqlen)), 1
+        else:
+            chunk, topk = self.config.moba_chunk_size, self.config.moba_topk
+        out = moba_attn_varlen(
+            q, k, v, cu, int(max_seqlen), chunk, topk,
+            softmax_scale=self.softmax_scale, backend=self.config.moba_backend,
+        )
+        if thd:
+            return out.reshape(out.shape[0], -1)
+        return out.view(b, sq, -1).transpose(0, 1).contiguous()
+
+
+def set_moba_enabled(model: torch.nn.Module, enabled: bool) -> int:
+    """Switch every MoBAAttention in ``model`` between MoBA (True) and full attention (False) at
+    run time, e.g. for the last phase of a full-to-MoBA hybrid schedule. Returns how many changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, MoBAAttention):
+            changed += module.moba_enabled != enabled
+            module.moba_enabled = enabled
+    return changed

@@ -1,0 +1,129 @@
+"""MoBA inside a tiny megatron-core GPTModel (RoPE, GQA), single rank on CPU."""
+
+import pytest
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+
+from moba_megatron import MoBAAttention, set_moba_enabled
+from moba_megatron.ops import moba_attn_varlen
+from tests.helpers import assert_close
+
+from .cpu_support import destroy_parallel, free_port, init_parallel
+from .models import SEQ, batch, build_gpt, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank():
+    init_parallel(0, 1, free_port())
+    yield
+    destroy_parallel()
+
+
+def run(model, data=None):
+    tokens, position_ids, mask, labels = data or batch()
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens, position_ids, mask)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads
+
+
+def assert_same(a, b, tol=2e-5):
+    assert_close(a[0], b[0], tol, tol, "logits")
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        assert_close(a[2][name], b[2][name], tol, tol, f"grad of {name}")
+
+
+def test_topk_covering_every_block_equals_megatron_dense_attention():
+    config = tiny_config(moba_chunk_size=8, moba_topk=SEQ // 8)
+    moba, dense = build_gpt(config, "moba"), build_gpt(config, "dense")
+    assert torch.equal(moba.state_dict()["embedding.word_embeddings.weight"], dense.state_dict()["embedding.word_embeddings.weight"])
+    assert_same(run(moba), run(dense))
+
+
+def test_small_topk_differs_from_dense_and_matches_reference():
+    config = tiny_config(moba_chunk_size=8, moba_topk=2)
+    moba_out = run(build_gpt(config, "moba"))
+    dense_out = run(build_gpt(config, "dense"))
+    assert (moba_out[0] - dense_out[0]).abs().max() > 1e-3, "MoBA with topk 2 of 6 blocks must not be dense"
+    assert_same(moba_out, run(build_gpt(config, "reference")))
+
+
+def test_full_attention_layers_and_runtime_switch():
+    dense_out = run(build_gpt(tiny_config(), "dense"))
+    all_full = tiny_config(moba_full_attn_layers=[1, 2])
+    assert_same(run(build_gpt(all_full, "moba")), dense_out)
+
+    model = build_gpt(tiny_config(), "moba")
+    moba_out = run(model)
+    assert set_moba_enabled(model, False) == 2
+    assert_same(run(model), dense_out)
+    assert set_moba_enabled(model, True) == 2
+    assert_same(run(model), moba_out, tol=0)
+
+
+def test_one_full_layer_is_a_hybrid():
+    hybrid = run(build_gpt(tiny_config(moba_full_attn_layers=[2]), "moba"))
+    assert (hybrid[0] - run(build_gpt(tiny_config(), "moba"))[0]).abs().max() > 1e-4
+    assert (hybrid[0] - run(build_gpt(tiny_config(), "dense"))[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+     dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)],
+)
+def test_activation_recompute(recompute):
+    plain = run(build_gpt(tiny_config(), "moba"))
+    assert_same(run(build_gpt(tiny_config(**recompute), "moba")), plain)
+
+
+def test_packed_thd_inputs_restart_blocks_at_sequence_starts():
+    config = tiny_config()
+    attn = MoBAAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+    g = torch.Generator().manual_seed(0)
+    lens = [20, 5, 23]
+    t = sum(lens)
+    q, k, v = torch.randn(t, 4, 16, generator=g), torch.randn(t, 2, 16, generator=g), torch.randn(t, 2, 16, generator=g)
+    cu = torch.tensor([0, 20, 25, 48], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=23, max_seqlen_kv=23)
+    out = attn(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (t, 4 * 16)
+    expected = moba_attn_varlen(q, k, v, cu, 23, config.moba_chunk_size, config.moba_topk)
+    assert_close(out, expected.reshape(t, -1), 0, 0, "thd")
+    # sbhd of one sequence equals thd of it
+    one = attn(q[:20, None], k[:20, None], v[:20, None], None)
+    assert_close(one[:, 0], out[:20], 1e-6, 1e-6, "sbhd vs thd")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(moba_chunk_size=0), "moba_chunk_size must be an integer >= 1"),
+        (dict(moba_topk=0), "moba_topk must be an integer >= 1"),
+        (dict(moba_full_attn_layers=[0, 2]), r"moba_full_attn_layers must hold 1-based layer numbers in 1..2"),
+        (dict(moba_full_attn_layers=[3]), r"in 1..2 \(num_layers\), got \[3\]"),
+        (dict(moba_backend="fast"), "moba_backend must be one of"),
+        (dict(moba_cp_comm="ring"), "moba_cp_comm must be one of"),
+        (dict(attention_dropout=0.1), "attention_dropout must be 0 with MoBA"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kwargs)
+
+
+def test_bad_build():
+    config = tiny_config()
+    with pytest.raises(ValueError, match="AttnMaskType.causal only"):
+        MoBAAttention(config, layer_number=1, attn_mask_type=AttnMaskType.padding)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        MoBAAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_dropout=0.1)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    plain = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4)
+    with pytest.raises(ValueError, match="needs a MoBATransformerConfig"):
+        MoBAAttention(plain, layer_number=1, attn_mask_type=AttnMaskType.causal)

@@ -1,0 +1,99 @@
+"""One training step of a tiny MoBA GPT at a given tensor-parallel size; rank 0 saves the loss and
+the full (TP-gathered) gradients, to be compared across TP sizes.
+
+CPU/gloo (tests spawn it):  see tests/megatron/test_tensor_parallel.py
+GPU/NCCL, bf16:             torchrun --nproc-per-node 4 -m tests.megatron.tp_worker --tp 4 \\
+                                --device cuda --bf16 --out tp4.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def gather_full(param: torch.Tensor, grad: torch.Tensor, tp_group) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or dist.get_world_size(tp_group) == 1:
+        return grad
+    parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, grad.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu", bf16: bool = False,
+         sequence_parallel: bool = False, num_query_groups: int = 4, seq: int = 48, chunk: int = 8, topk: int = 2,
+         sp_norm: bool | None = None):
+    from megatron.core import parallel_state
+    from megatron.core.transformer.module import Float16Module
+
+    from .cpu_support import destroy_parallel, init_parallel
+    from .models import batch, build_gpt, tiny_config
+
+    init_parallel(rank, world, port, tp=tp, device=device)
+    config = tiny_config(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        num_query_groups=num_query_groups,
+        num_attention_heads=8,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        moba_chunk_size=chunk,
+        moba_topk=topk,
+        bf16=bf16,
+    )
+    sp_norm = sequence_parallel if sp_norm is None else sp_norm  # the TP=1 reference uses the same norms
+    model = build_gpt(config, "moba", sequence_parallel_norm=sp_norm).to(device)
+    if bf16:
+        model = Float16Module(config, model)
+    tokens, position_ids, mask, labels = batch(seq=seq, device=device)
+    loss = model(tokens, position_ids, mask, labels=labels).float().mean()
+    loss.backward()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    grads = {}
+    for name, p in model.named_parameters():
+        grad = p.main_grad if hasattr(p, "main_grad") else p.grad
+        if getattr(p, "sequence_parallel", False):  # what finalize_model_grads does for SP norms
+            dist.all_reduce(grad, group=tp_group)
+        grads[name.removeprefix("module.")] = gather_full(p, grad, tp_group).float().cpu()
+    if rank == 0:
+        torch.save({"loss": loss.detach().float().cpu(), "grads": grads}, out)
+    destroy_parallel()
+
+
+def _spawned(rank, world, port, kwargs):
+    step(rank, world, port, **kwargs)
+
+
+def spawn(world: int, **kwargs) -> None:
+    """Run ``step`` on ``world`` CPU processes (gloo)."""
+    import torch.multiprocessing as mp
+
+    from .cpu_support import free_port
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_spawned, args=(world, free_port(), kwargs), nprocs=world, join=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--sp-norm", action="store_true", help="norms that accept sequence parallelism")
+    parser.add_argument("--num-query-groups", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=48)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=2)
+    args = parser.parse_args()
+    step(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]), args.tp, args.out,
+         args.device, args.bf16, args.sequence_parallel, args.num_query_groups, args.seq, args.chunk, args.topk,
+         args.sp_norm or args.sequence_parallel)
+
+
+if __name__ == "__main__":
+    main()
