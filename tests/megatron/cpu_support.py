@@ -47,6 +47,10 @@ def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 
         patch_cuda_device()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    if device == "cuda":  # dropout regions fork the model-parallel CUDA RNG even at p=0
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
 def destroy_parallel() -> None:

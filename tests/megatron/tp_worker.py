@@ -1,5 +1,6 @@
-"""One training step of a tiny MoBA GPT at a given tensor-parallel size; rank 0 saves the loss and
-the full (TP-gathered) gradients, to be compared across TP sizes.
+"""One training step of a tiny MoBA GPT (or, with ``--kind dense``, the same GPT on megatron's own
+attention, to calibrate bf16 noise) at a given tensor-parallel size; rank 0 saves the loss and the
+full (TP-gathered) gradients, to be compared across TP sizes.
 
 CPU/gloo (tests spawn it):  see tests/megatron/test_tensor_parallel.py
 GPU/NCCL, bf16:             torchrun --nproc-per-node 4 -m tests.megatron.tp_worker --tp 4 \\
@@ -25,7 +26,7 @@ def gather_full(param: torch.Tensor, grad: torch.Tensor, tp_group) -> torch.Tens
 
 def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu", bf16: bool = False,
          sequence_parallel: bool = False, num_query_groups: int = 4, seq: int = 48, chunk: int = 8, topk: int = 2,
-         sp_norm: bool | None = None):
+         sp_norm: bool | None = None, kind: str = "moba"):
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
@@ -45,7 +46,7 @@ def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu
         bf16=bf16,
     )
     sp_norm = sequence_parallel if sp_norm is None else sp_norm  # the TP=1 reference uses the same norms
-    model = build_gpt(config, "moba", sequence_parallel_norm=sp_norm).to(device)
+    model = build_gpt(config, kind, sequence_parallel_norm=sp_norm).to(device)
     if bf16:
         model = Float16Module(config, model)
     tokens, position_ids, mask, labels = batch(seq=seq, device=device)
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--sp-norm", action="store_true", help="norms that accept sequence parallelism")
+    parser.add_argument("--kind", default="moba", choices=["moba", "dense"], help="dense: megatron's own attention")
     parser.add_argument("--num-query-groups", type=int, default=4)
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--chunk", type=int, default=8)
@@ -92,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     step(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]), args.tp, args.out,
          args.device, args.bf16, args.sequence_parallel, args.num_query_groups, args.seq, args.chunk, args.topk,
-         args.sp_norm or args.sequence_parallel)
+         args.sp_norm or args.sequence_parallel, args.kind)
 
 
 if __name__ == "__main__":
