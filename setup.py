@@ -12,11 +12,17 @@ setup(
         "torch>=2.9",
         "megatron-core>=0.19,<0.20",
         "pyyaml>=6",
+        "psutil",  # megatron-core's dist_checkpointing needs it for checkpoints
     ],
     extras_require={
         "flash": ["flash-attn>=2.8"],
         "te": ["transformer-engine[pytorch]"],
         "test": ["pytest>=8", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["moba-demo = moba_megatron.demo:main"]},
+    entry_points={
+        "console_scripts": [
+            "moba-pretrain = moba_megatron.pretrain:main",
+            "moba-demo = moba_megatron.demo:main",
+        ]
+    },
 )

@@ -12,7 +12,7 @@ from moba_megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
 from moba_megatron.megatron.attention import MoBAAttention
 from moba_megatron.ops.moba import moba_attn_varlen_reference
 
-from .cpu_support import SequenceParallelNorm
+from moba_megatron.megatron.cpu import SequenceParallelNorm
 
 VOCAB = 128
 SEQ = 48

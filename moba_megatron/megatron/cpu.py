@@ -1,12 +1,15 @@
-"""Everything needed to run megatron-core on CPU (gloo) in tests, in one place.
+"""Everything needed to run megatron-core on CPU (gloo), in one place: the CPU training job and
+the tests use these.
 
 - ``torch.cuda.current_device`` answers "cpu": megatron allocates buffers there.
 - ``use_cpu_initialization=True`` in configs: the full weight is drawn on CPU from one seed and then
   split, so every TP size starts from the same weights.
 - ``SequenceParallelNorm``: megatron's torch norm refuses sequence parallelism (apex/TE norms are not
   installable here); this one accepts it and marks its weights for the TP all-reduce of their grads.
-- Dropout is 0 everywhere, so the CUDA RNG tracker's ``fork`` (entered around dropout even at p=0)
-  and the CUDA RNG save/restore of activation recompute become no-ops.
+- Dropout runs on the CPU generator: the CUDA RNG tracker's ``fork`` (entered around dropout even
+  at p=0) and the CUDA RNG save/restore of activation recompute become no-ops.
+- ``torch.cuda.synchronize`` (called by dist_checkpointing) is a no-op, and
+  ``torch.cuda.current_stream`` (waited on by DDP's grad sync) a stream that waits for nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ import torch
 import torch.distributed as dist
 
 
-def patch_cuda_device() -> None:
+class _NullStream:
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+def enable_cpu_shims() -> None:
     if torch.cuda.is_available():
         return
     from megatron.core.tensor_parallel import random
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     # Activation recompute saves and restores the CUDA RNG state; on CPU there is none to keep.
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
@@ -44,7 +57,7 @@ def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     else:
-        patch_cuda_device()
+        enable_cpu_shims()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     if device == "cuda":  # dropout regions fork the model-parallel CUDA RNG even at p=0

@@ -1,0 +1,55 @@
+"""Pretrain a GPT whose layers use MoBA, on megatron-core.
+
+    torchrun --nproc-per-node 2 -m moba_megatron.pretrain --config configs/tiny-cpu.yaml
+
+The same command runs on CPU (gloo) and on GPUs (NCCL); see launch/ for multi-node launchers.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from .training import checkpoint
+from .training.arguments import parse_args
+from .training.data import SyntheticRetrieval
+from .training.loop import Logger, train
+from .training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from .training.setup import build_model, check_batch, fail, init_distributed, transformer_config
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = init_distributed(args)
+    try:
+        micro_batches = check_batch(args)
+        config = transformer_config(args)
+        if args.seq_length % args.tensor_model_parallel_size and args.sequence_parallel:
+            fail(f"--seq-length {args.seq_length} must be divisible by --tensor-model-parallel-size with --sequence-parallel")
+        try:
+            data = SyntheticRetrieval(args.vocab_size, args.seq_length, args.seed, args.retrieval_pairs)
+        except ValueError as e:
+            fail(str(e))
+        model = wrap_ddp(build_model(args, config, device), config, args)
+        optimizer = build_optimizer(model, args, device)
+        scheduler = build_scheduler(optimizer, args)
+        log = Logger(args, config)
+        world = dist.get_world_size()
+        log(
+            f"moba-pretrain: {world} rank(s) on {device} | TP {args.tensor_model_parallel_size} "
+            f"CP {args.context_parallel_size} DP {world // (args.tensor_model_parallel_size * args.context_parallel_size)} "
+            f"| {sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size / 1e6:.2f}M parameters "
+            f"| seq {args.seq_length}, MoBA block {args.moba_chunk_size} top-k {args.moba_topk}"
+        )
+        start = checkpoint.load(args.load, model, optimizer, scheduler, log) if args.load else 0
+        if start:
+            log(f"resumed from iteration {start} of {args.load}")
+        train(args, model, optimizer, scheduler, data, start, micro_batches, device, log)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

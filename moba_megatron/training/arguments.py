@@ -1,0 +1,92 @@
+"""Command line of the pretraining job: Megatron-LM's flag names and meanings, plus ``--moba-*``
+and ``--config FILE`` (YAML whose keys are the flags' names with underscores; flags override it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core.")
+    p.add_argument("--config", type=Path, help="YAML of defaults (keys: flag names with underscores)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=128)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden (8/3 x with --swiglu)")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups; default: one per head")
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--vocab-size", type=int, default=256)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("moba")
+    g.add_argument("--moba-chunk-size", type=int, default=64)
+    g.add_argument("--moba-topk", type=int, default=3)
+    g.add_argument("--moba-full-attn-layers", type=int, nargs="*", default=[])
+    g.add_argument("--moba-disable", action="store_false", dest="moba_enabled", help="full attention in every layer")
+    g.add_argument("--moba-backend", default=None)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel size")
+    g.add_argument("--train-iters", type=int, default=60)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over data parallel ranks (GPU)")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--retrieval-pairs", type=int, default=1, help="synthetic data: key/value needles per sequence")
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--save", default=None, help="checkpoint directory to save to")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after iterations divisible by this")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        parser.set_defaults(**load_config(first.config, parser))
+    args = parser.parse_args(argv)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    return args
+
+
+def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
+    if not path.is_file():
+        parser.error(f"--config {path}: no such file")
+    values = yaml.safe_load(path.read_text()) or {}
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    known.add("moba_enabled")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"unknown key(s) in {path}: {', '.join(unknown)}")
+    return values

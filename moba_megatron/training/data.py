@@ -1,0 +1,58 @@
+"""Built-in data that needs no download: synthetic long-context retrieval.
+
+Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss falls quickly) with
+``pairs`` key/value needles planted in its first half, ``KEY k v``; it ends with ``QUERY k v`` for one
+of them. Predicting that last ``v`` means finding ``k`` many blocks back: MoBA's routing matters there.
+Sample ``i`` is a pure function of (seed, i), so any rank can produce any sample and a resumed run
+sees exactly the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BOS, KEY, QUERY = 0, 1, 2
+FIRST_FILLER = 3
+
+
+class SyntheticRetrieval:
+    def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1):
+        if vocab_size < FIRST_FILLER + 8:
+            raise ValueError(f"--vocab-size must be >= {FIRST_FILLER + 8} for the synthetic data, got {vocab_size}")
+        if seq_length < 8 + 6 * pairs:
+            raise ValueError(f"--seq-length {seq_length} is too short for {pairs} retrieval pair(s)")
+        self.vocab_size, self.seq_length, self.seed, self.pairs, self.noise = vocab_size, seq_length, seed, pairs, noise
+        g = torch.Generator().manual_seed(seed)
+        # The bigram rule walks one long cycle through all filler tokens (no fixed points).
+        self.cycle = FIRST_FILLER + torch.randperm(vocab_size - FIRST_FILLER, generator=g)
+        self.position = torch.empty(vocab_size, dtype=torch.long)
+        self.position[self.cycle] = torch.arange(vocab_size - FIRST_FILLER)
+
+    def sample(self, index: int) -> torch.Tensor:
+        """Tokens ``[seq_length + 1]``: inputs are ``[:-1]``, labels ``[1:]``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        n = self.seq_length + 1
+        fillers = self.vocab_size - FIRST_FILLER
+        noise = torch.rand(n, generator=g) < self.noise
+        noise[0] = True
+        random_tokens = FIRST_FILLER + torch.randint(fillers, (n,), generator=g)
+        # After each noisy token the chain steps along the cycle: token i is the (i - r)-th
+        # successor of the random token at r, the last noisy position at or before i.
+        steps = torch.arange(n)
+        last_reset = torch.cummax(torch.where(noise, steps, 0), dim=0).values
+        start = self.position[random_tokens[last_reset]]
+        tokens = self.cycle[(start + steps - last_reset) % fillers]
+        tokens[0] = BOS
+        keys = FIRST_FILLER + torch.randperm(fillers, generator=g)[: self.pairs]
+        values = FIRST_FILLER + torch.randint(fillers, (self.pairs,), generator=g)
+        half = n // 2
+        slots = torch.randperm(max(1, (half - 1) // 3), generator=g)[: self.pairs] * 3 + 1
+        for s, k, v in zip(slots.tolist(), keys.tolist(), values.tolist()):
+            tokens[s : s + 3] = torch.tensor([KEY, k, v])
+        asked = int(torch.randint(self.pairs, (1,), generator=g))
+        tokens[-3:] = torch.tensor([QUERY, int(keys[asked]), int(values[asked])])
+        return tokens
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.stack([self.sample(i) for i in indices])
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()

@@ -1,0 +1,109 @@
+"""The training loop and its Megatron-style log lines."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+
+
+def flops_per_token(args, config) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): matmuls of the weights plus the
+    attention keys each layer actually attends (MoBA: own block + topk-1 full blocks)."""
+    h, layers, s = args.hidden_size, args.num_layers, args.seq_length
+    kv = h * config.num_query_groups // args.num_attention_heads
+    per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * (3 if args.swiglu else 2) * h * config.ffn_hidden_size
+    c, k = args.moba_chunk_size, args.moba_topk
+    moba_keys = sum(min(c, s - b * c) * ((min(c, s - b * c) + 1) / 2 + min(b, k - 1) * c) for b in range(-(-s // c))) / s
+    full_keys = (s + 1) / 2
+    attention = sum(
+        4 * h * (full_keys if (not args.moba_enabled or n in args.moba_full_attn_layers) else moba_keys)
+        for n in range(1, layers + 1)
+    )
+    return 3 * (layers * per_layer + attention + 2 * h * args.vocab_size)
+
+
+class Logger:
+    def __init__(self, args, config):
+        self.rank0 = dist.get_rank() == 0
+        self.args = args
+        self.flops = flops_per_token(args, config)
+        self.interactive = self.rank0 and sys.stdout.isatty()
+        self.writer = None
+        if args.tensorboard_dir and self.rank0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("moba-pretrain: error: --tensorboard-dir needs the tensorboard package (pip install tensorboard)")
+            self.writer = SummaryWriter(args.tensorboard_dir)
+
+    def __call__(self, message: str) -> None:
+        if self.rank0:
+            print(("\r\033[K" if self.interactive else "") + message, flush=True)
+
+    def progress(self, iteration: int) -> None:
+        if self.interactive:
+            done = int(30 * iteration / self.args.train_iters)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {iteration}/{self.args.train_iters}", end="", flush=True)
+
+    def step(self, iteration, loss, grad_norm, lr, seconds) -> None:
+        a = self.args
+        tokens = a.global_batch_size * a.seq_length
+        tflops = tokens * self.flops / seconds / dist.get_world_size() / 1e12
+        self(
+            f" iteration {iteration:8d}/{a.train_iters:8d} | consumed samples: {iteration * a.global_batch_size:12d} "
+            f"| elapsed time per iteration (ms): {seconds * 1e3:.1f} | learning rate: {lr:.6E} "
+            f"| global batch size: {a.global_batch_size:5d} | lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} "
+            f"| tokens/s: {tokens / seconds:.0f} | TFLOP/s per GPU: {tflops:.2f} |"
+        )
+        if self.writer is not None:
+            for name, value in (("lm loss", loss), ("grad norm", grad_norm), ("learning rate", lr), ("tokens per second", tokens / seconds)):
+                self.writer.add_scalar(name, value, iteration)
+            self.writer.flush()
+
+
+def train(args, model, optimizer, scheduler, data, start: int, micro_batches: int, device: str, log: Logger):
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_group = parallel_state.get_data_parallel_group()
+    positions = torch.arange(args.seq_length, device=device)[None].expand(args.micro_batch_size, -1)
+    model.train()
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    for iteration in range(start + 1, args.train_iters + 1):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(micro_batches):
+            first = (iteration - 1) * args.global_batch_size + (micro * dp_size + dp_rank) * args.micro_batch_size
+            tokens, labels = (x.to(device) for x in data.batch(list(range(first, first + args.micro_batch_size))))
+            loss = model(tokens, positions, None, labels=labels).float().mean() / micro_batches
+            loss.backward()
+            step_loss += loss.detach()
+        finalize_model_grads([model])
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        dist.all_reduce(step_loss, group=dp_group)
+        window_loss += float(step_loss) / dp_size
+        window_steps += 1
+        log.progress(iteration)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - window_start) / window_steps
+            log.step(iteration, window_loss / window_steps, grad_norm or 0.0, optimizer.param_groups[0]["lr"], seconds)
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or iteration == args.train_iters):
+            checkpoint.save(args.save, iteration, model, optimizer, scheduler)
+            log(f"saved checkpoint at iteration {iteration} to {args.save}")
+            window_start = time.perf_counter()  # saving time is not step time
+        if exiting:
+            log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            return

@@ -1,0 +1,110 @@
+"""Data-parallel wrapper, optimizer and learning-rate schedule.
+
+GPUs: megatron-core's DistributedDataParallel and optimizer (bf16 with fp32 main weights,
+optionally the distributed optimizer). CPU: the same DDP wrapper with torch's AdamW, because
+megatron-core's optimizers allocate on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def wrap_ddp(model, config, args):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+class CpuAdamW:
+    """torch AdamW over megatron DDP's fp32 ``main_grad`` buffers, with TP-aware grad clipping."""
+
+    def __init__(self, model, args):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() > 1]
+        no_decay = [p for p in self.params if p.dim() <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}],
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+        )
+        self.clip_grad = args.clip_grad
+
+    @property
+    def param_groups(self):
+        # torch's load_state_dict replaces the list: always hand out the live one (the LR schedule writes it)
+        return self.optimizer.param_groups
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        from megatron.core import parallel_state
+
+        for p in self.params:
+            p.grad = p.main_grad
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        # Sharded parameters count on every TP rank, replicated ones once.
+        local = sum(
+            float(p.grad.float().pow(2).sum()) for p in self.params
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0
+        )
+        total = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+        grad_norm = float(total.sqrt())
+        if self.clip_grad and grad_norm > self.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.clip_grad / (grad_norm + 1e-6))
+        self.optimizer.step()
+        return True, grad_norm, None
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
+
+
+def build_optimizer(model, args, device: str):
+    if device == "cpu":
+        return CpuAdamW(model, args)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [model])
+
+
+def build_scheduler(optimizer, args):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )

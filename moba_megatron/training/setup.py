@@ -1,0 +1,109 @@
+"""Process groups, the model and its config, from the parsed arguments."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
+from ..megatron.cpu import SequenceParallelNorm, enable_cpu_shims
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"moba-pretrain: error: {message}")
+
+
+def init_distributed(args) -> str:
+    """torchrun's environment (or a single process) -> process groups; returns the device type."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if world % (tp * cp) != 0:
+        fail(f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} = {tp * cp} does not divide the world size {world}")
+    if cp > 1:
+        fail(f"--context-parallel-size {cp}: MoBA context parallelism is not available yet; use 1")
+    if args.bf16 and not torch.cuda.is_available():
+        fail("--bf16 needs GPUs; the CPU run trains in fp32")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        enable_cpu_shims()
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    torch.manual_seed(args.seed)
+    if device == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    return device
+
+
+def check_batch(args) -> int:
+    """Fills in --global-batch-size; returns the number of micro batches per step."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step != 0:
+        fail(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch {args.micro_batch_size} x data parallel {dp}")
+    return args.global_batch_size // per_step
+
+
+def transformer_config(args) -> MoBATransformerConfig:
+    ffn = args.ffn_hidden_size
+    if ffn is None:
+        ffn = max(64, int(8 * args.hidden_size / 3) // 64 * 64) if args.swiglu else 4 * args.hidden_size
+    try:
+        return MoBATransformerConfig(
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            ffn_hidden_size=ffn,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups or args.num_attention_heads,
+            normalization=args.normalization,
+            gated_linear_unit=args.swiglu,
+            activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+            hidden_dropout=args.hidden_dropout,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+            bf16=args.bf16,
+            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            moba_chunk_size=args.moba_chunk_size,
+            moba_topk=args.moba_topk,
+            moba_full_attn_layers=args.moba_full_attn_layers,
+            moba_enabled=args.moba_enabled,
+            moba_backend=args.moba_backend,
+        )
+    except (ValueError, AssertionError) as e:
+        fail(str(e))
+
+
+def build_model(args, config, device: str):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_with_moba_spec(use_te=None if device == "cuda" else False, normalization=args.normalization)
+    if device == "cpu" and args.sequence_parallel:
+        # megatron's torch norm refuses sequence parallelism; apex/TE norms do not run on CPU
+        spec.submodules.input_layernorm = SequenceParallelNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=SequenceParallelNorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+    return model.to(device)
