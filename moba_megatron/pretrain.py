@@ -11,10 +11,23 @@ import torch.distributed as dist
 
 from .training import checkpoint
 from .training.arguments import parse_args
-from .training.data import SyntheticRetrieval
+from .training.data import IndexedGPTData, SyntheticRetrieval
+from .training.tokenizer import TOKENIZERS
 from .training.loop import Logger, train
 from .training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from .training.setup import build_model, check_batch, fail, init_distributed, transformer_config
+
+
+def build_data(args):
+    try:
+        if not args.data_path:
+            return SyntheticRetrieval(args.vocab_size, args.seq_length, args.seed, args.retrieval_pairs)
+        tokenizer = TOKENIZERS[args.tokenizer_type]()
+        if args.vocab_size < tokenizer.vocab_size:
+            fail(f"--vocab-size {args.vocab_size} is smaller than the {args.tokenizer_type}'s {tokenizer.vocab_size} tokens")
+        return IndexedGPTData(args.data_path, tokenizer, args.seq_length, args.seed, args.train_iters * args.global_batch_size)
+    except ValueError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> None:
@@ -25,10 +38,7 @@ def main(argv=None) -> None:
         config = transformer_config(args)
         if args.seq_length % args.tensor_model_parallel_size and args.sequence_parallel:
             fail(f"--seq-length {args.seq_length} must be divisible by --tensor-model-parallel-size with --sequence-parallel")
-        try:
-            data = SyntheticRetrieval(args.vocab_size, args.seq_length, args.seed, args.retrieval_pairs)
-        except ValueError as e:
-            fail(str(e))
+        data = build_data(args)
         model = wrap_ddp(build_model(args, config, device), config, args)
         optimizer = build_optimizer(model, args, device)
         scheduler = build_scheduler(optimizer, args)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="indexed dataset prefix(es) (PREFIX.bin/.idx); default: synthetic retrieval data")
+    g.add_argument("--tokenizer-type", default="ByteTokenizer", choices=["ByteTokenizer"])
     g.add_argument("--retrieval-pairs", type=int, default=1, help="synthetic data: key/value needles per sequence")
 
     g = p.add_argument_group("logging and checkpoints")

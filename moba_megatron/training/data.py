@@ -1,4 +1,6 @@
-"""Built-in data that needs no download: synthetic long-context retrieval.
+"""Training data: Megatron indexed datasets, or built-in synthetic long-context retrieval.
+
+Synthetic retrieval needs no download.
 
 Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss falls quickly) with
 ``pairs`` key/value needles planted in its first half, ``KEY k v``; it ends with ``QUERY k v`` for one
@@ -8,6 +10,8 @@ sees exactly the data it would have seen.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -56,3 +60,36 @@ class SyntheticRetrieval:
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         data = torch.stack([self.sample(i) for i in indices])
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+class IndexedGPTData:
+    """Megatron indexed dataset(s) (``PREFIX.bin``/``PREFIX.idx``) through megatron-core's GPTDataset:
+    documents concatenated and cut into ``seq_length + 1`` token samples, shuffled by seed."""
+
+    def __init__(self, prefixes: list[str], tokenizer, seq_length: int, seed: int, num_samples: int):
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        for prefix in prefixes:
+            missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
+            if missing:
+                raise ValueError(
+                    f"--data-path {prefix}: {' and '.join(missing)} not found; build them with "
+                    "python -m moba_megatron.tools.preprocess_data --input FILE --output-prefix PREFIX"
+                )
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=seq_length,
+            blend=(prefixes, None),
+            split="100,0,0",
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        self.dataset = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()[0]
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [self.dataset[i] for i in indices]
+        return torch.stack([s["tokens"] for s in samples]).long(), torch.stack([s["labels"] for s in samples]).long()

@@ -35,6 +35,17 @@ def test_loss_falls_with_two_ranks():
     assert "TFLOP/s per GPU" in result.stdout and "tokens/s" in result.stdout
 
 
+def test_trains_on_an_indexed_dataset(tmp_path):
+    import json
+
+    from moba_megatron.tools.preprocess_data import preprocess
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "moba routes blocks " * n}) + "\n" for n in range(1, 80)))
+    preprocess(tmp_path / "c.jsonl", tmp_path / "c")
+    found = losses(pretrain(*SMALL, "--train-iters", "8", "--data-path", str(tmp_path / "c"), "--vocab-size", "260"))
+    assert sorted(found) == list(range(1, 9)) and float(found[8]) < float(found[1])
+
+
 def test_resume_is_exact_and_reshards(tmp_path):
     straight = losses(pretrain(*SMALL, "--train-iters", "6"))
     pretrain(*SMALL, "--train-iters", "6", "--save", str(tmp_path), "--exit-interval", "3")
@@ -58,6 +69,8 @@ def test_resume_is_exact_and_reshards(tmp_path):
         (["--config", "configs/tiny-cpu.yaml", "--load", "/nonexistent/ckpt"], "no latest_checkpointed_iteration.txt there"),
         (["--config", "configs/tiny-cpu.yaml", "--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
         (["--config", "configs/tiny-cpu.yaml", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
+        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--vocab-size", "300"],
+         "/nonexistent/corpus.bin and /nonexistent/corpus.idx not found"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):
