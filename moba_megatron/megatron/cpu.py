@@ -15,11 +15,8 @@ the tests use these.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 
 import torch
-import torch.distributed as dist
 
 
 class _NullStream:
@@ -42,36 +39,6 @@ def enable_cpu_shims() -> None:
     # Activation recompute saves and restores the CUDA RNG state; on CPU there is none to keep.
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
     random._set_cuda_rng_state = lambda *args, **kwargs: None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 1, device: str = "cpu") -> None:
-    from megatron.core import parallel_state
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    else:
-        enable_cpu_shims()
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    if device == "cuda":  # dropout regions fork the model-parallel CUDA RNG even at p=0
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-
-
-def destroy_parallel() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class SequenceParallelNorm(torch.nn.Module):

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def single_gpu():
-    from moba_megatron.megatron.cpu import destroy_parallel, free_port, init_parallel
+    from tests.megatron.harness import destroy_parallel, free_port, init_parallel
 
     init_parallel(0, 1, free_port(), device="cuda")
     yield

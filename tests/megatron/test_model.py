@@ -9,7 +9,7 @@ from moba_megatron import MoBAAttention, set_moba_enabled
 from moba_megatron.ops import moba_attn_varlen
 from tests.helpers import assert_close
 
-from moba_megatron.megatron.cpu import destroy_parallel, free_port, init_parallel
+from tests.megatron.harness import destroy_parallel, free_port, init_parallel
 from .models import SEQ, batch, build_gpt, tiny_config
 
 

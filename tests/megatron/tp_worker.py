@@ -30,7 +30,7 @@ def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
-    from moba_megatron.megatron.cpu import destroy_parallel, init_parallel
+    from .harness import destroy_parallel, init_parallel
     from .models import batch, build_gpt, tiny_config
 
     init_parallel(rank, world, port, tp=tp, device=device)
@@ -72,7 +72,7 @@ def spawn(world: int, **kwargs) -> None:
     """Run ``step`` on ``world`` CPU processes (gloo)."""
     import torch.multiprocessing as mp
 
-    from moba_megatron.megatron.cpu import free_port
+    from .harness import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_spawned, args=(world, free_port(), kwargs), nprocs=world, join=True)
