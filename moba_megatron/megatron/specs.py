@@ -58,3 +58,11 @@ def get_gpt_decoder_block_with_moba_spec(config, use_transformer_engine: bool | 
     block = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)
     block.layer_specs = [_with_moba(spec) for spec in block.layer_specs]
     return block
+
+
+def __getattr__(name):
+    # ``--spec moba_megatron.megatron.specs moba_layer_spec`` in upstream Megatron-LM imports a spec
+    # object by name: build it on first access (TE flavour when TE imports).
+    if name == "moba_layer_spec":
+        return get_gpt_layer_with_moba_spec()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
