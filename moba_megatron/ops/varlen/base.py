@@ -19,6 +19,7 @@ import torch
 
 class VarlenBackend(Protocol):
     name: str
+    tile_width: int | None  # see VarlenTiles / PaddedTiles below: how MoBA's routed calls are shaped
 
     def is_available(self) -> bool:
         """Whether the kernels can be loaded in this process at all."""
@@ -35,6 +36,12 @@ class VarlenBackend(Protocol):
         self, dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(dq, dk, dv)`` shaped like ``q, k, v``."""
+
+    def tiles_forward(self, q_rows, k_tiles, v_tiles, tile_rows, width, max_rows: int, scale: float):
+        """MoBA's routed call: query rows against one block of keys per tile (non-causal)."""
+
+    def tiles_backward(self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale):
+        """Its backward, against the given (merged) output and LSE."""
 
 
 def check_flash_inputs(name: str, q: torch.Tensor, k: torch.Tensor) -> None:
