@@ -127,3 +127,21 @@ def test_bad_build():
     plain = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4)
     with pytest.raises(ValueError, match="needs a MoBATransformerConfig"):
         MoBAAttention(plain, layer_number=1, attn_mask_type=AttnMaskType.causal)
+
+
+def test_decoder_block_spec_puts_moba_in_every_layer():
+    from megatron.core.models.gpt import GPTModel
+
+    from moba_megatron import get_gpt_decoder_block_with_moba_spec
+
+    config = tiny_config(moba_full_attn_layers=[2])
+    block = get_gpt_decoder_block_with_moba_spec(config, use_transformer_engine=False)
+    assert len(block.layer_specs) == 2
+    assert all(s.submodules.self_attention.submodules.core_attention is MoBAAttention for s in block.layer_specs)
+    torch.manual_seed(1234)
+    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=128, max_sequence_length=SEQ,
+                     position_embedding_type="rope")
+    attention = [m for m in model.modules() if isinstance(m, MoBAAttention)]
+    assert [a.full_attention for a in attention] == [False, True]
+    hybrid = run(build_gpt(tiny_config(moba_full_attn_layers=[2]), "moba"))
+    assert_same(run(model), hybrid)
