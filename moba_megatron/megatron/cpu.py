@@ -53,3 +53,13 @@ class SequenceParallelNorm(torch.nn.Module):
 
     def forward(self, x):
         return self.norm(x)
+
+
+def sequence_parallel_block(layer_spec, num_layers: int):
+    """A block spec of ``num_layers`` copies of ``layer_spec`` whose norms (layers' and final)
+    are ``SequenceParallelNorm``, for sequence parallelism on CPU."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer_spec.submodules.input_layernorm = SequenceParallelNorm
+    layer_spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=SequenceParallelNorm)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
-from ..megatron.cpu import SequenceParallelNorm, enable_cpu_shims
+from ..megatron.cpu import enable_cpu_shims, sequence_parallel_block
 
 
 def fail(message: str) -> None:
@@ -89,14 +89,11 @@ def transformer_config(args) -> MoBATransformerConfig:
 
 def build_model(args, config, device: str):
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     spec = get_gpt_layer_with_moba_spec(use_te=None if device == "cuda" else False, normalization=args.normalization)
     if device == "cpu" and args.sequence_parallel:
         # megatron's torch norm refuses sequence parallelism; apex/TE norms do not run on CPU
-        spec.submodules.input_layernorm = SequenceParallelNorm
-        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=SequenceParallelNorm)
+        spec = sequence_parallel_block(spec, config.num_layers)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

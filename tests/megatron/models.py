@@ -6,13 +6,12 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from moba_megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
 from moba_megatron.megatron.attention import MoBAAttention
 from moba_megatron.ops.moba import moba_attn_varlen_reference
 
-from moba_megatron.megatron.cpu import SequenceParallelNorm
+from moba_megatron.megatron.cpu import sequence_parallel_block
 
 VOCAB = 128
 SEQ = 48
@@ -47,23 +46,20 @@ class ReferenceMoBAAttention(MoBAAttention):
         return out.view(b, sq, -1).transpose(0, 1).contiguous()
 
 
-def layer_spec(kind: str, sequence_parallel_norm: bool = False):
+def layer_spec(kind: str):
     if kind == "moba":
         spec = get_gpt_layer_with_moba_spec(use_te=False)
     else:
         spec = get_gpt_layer_local_spec()
         if kind == "reference":
             spec.submodules.self_attention.submodules.core_attention = ReferenceMoBAAttention
-    if sequence_parallel_norm:
-        spec.submodules.input_layernorm = SequenceParallelNorm
-        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     return spec
 
 
 def build_gpt(config, kind: str = "moba", seed: int = 1234, sequence_parallel_norm: bool = False) -> GPTModel:
-    spec = layer_spec(kind, sequence_parallel_norm)
+    spec = layer_spec(kind)
     if sequence_parallel_norm:
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=SequenceParallelNorm)
+        spec = sequence_parallel_block(spec, config.num_layers)
     torch.manual_seed(seed)
     return GPTModel(
         config=config,
