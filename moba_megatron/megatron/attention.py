@@ -4,7 +4,9 @@ Takes what Megatron's SelfAttention hands its core attention (sbhd ``[s, b, head
 ``packed_seq_params.qkv_format == 'thd'``, ``[t, heads, dim]``), flattens it to the packed layout of
 ``moba_attn_varlen`` and returns ``[s, b, heads * dim]`` (or ``[t, heads * dim]``). Tensor parallelism
 needs nothing here: heads are already split, and MoBA is per head. Heads are read from the tensors,
-so GQA with fewer query groups than TP ranks works as Megatron lays it out.
+so GQA with fewer query groups than TP ranks works as Megatron lays it out. Under context
+parallelism each rank holds Megatron's load-balanced share of every sequence and the exchange of
+``moba_megatron.parallel.moba_attn_cp`` runs over the context-parallel group.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..ops import moba_attn_varlen
+from ..parallel import moba_attn_cp
 
 
 class MoBAAttention(MegatronModule):
@@ -43,11 +46,9 @@ class MoBAAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"MoBAAttention has no attention dropout: set attention_dropout=0 (got {dropout})")
+        self.cp_group = None
         if config.context_parallel_size > 1:
-            raise ValueError(
-                f"MoBAAttention does not support context_parallel_size > 1 yet "
-                f"(got {config.context_parallel_size}); use context_parallel_size=1"
-            )
+            self.cp_group = _context_parallel_group(pg_collection, config.context_parallel_size)
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"MoBAAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
         if getattr(config, "window_size", None) is not None:
@@ -80,6 +81,13 @@ class MoBAAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("MoBAAttention does not take an attention_bias")
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if self.cp_group is not None:
+            if thd:
+                raise ValueError(
+                    "MoBAAttention does not support packed THD sequences under context parallelism yet; "
+                    "use the sbhd layout (no packed_seq_params) or context_parallel_size=1"
+                )
+            return self._forward_context_parallel(query, key, value)
         if thd:
             q, k, v = query, key, value
             cu = packed_seq_params.cu_seqlens_q
@@ -108,6 +116,38 @@ class MoBAAttention(MegatronModule):
         if thd:
             return out.reshape(out.shape[0], -1)
         return out.view(b, sq, -1).transpose(0, 1).contiguous()
+
+
+    def _forward_context_parallel(self, query, key, value) -> torch.Tensor:
+        """sbhd local shares ``[s/cp, b, heads, dim]`` in Megatron's load-balanced order."""
+        sq, b = query.shape[:2]
+        cp = self.config.context_parallel_size
+        q, k, v = (x.transpose(0, 1).reshape(b * sq, x.shape[2], x.shape[3]) for x in (query, key, value))
+        if self.full_attention or not self.moba_enabled:
+            # Dense causal attention as MoBA with one block per CP chunk, every block selected.
+            chunk, topk, comm = sq // 2, 2 * cp, "allgather"
+        else:
+            chunk, topk, comm = self.config.moba_chunk_size, self.config.moba_topk, self.config.moba_cp_comm
+        out = moba_attn_cp(
+            q, k, v, b, sq * cp, chunk, topk, group=self.cp_group, comm=comm,
+            softmax_scale=self.softmax_scale, backend=self.config.moba_backend,
+        )
+        return out.view(b, sq, -1).transpose(0, 1).contiguous()
+
+
+def _context_parallel_group(pg_collection, size: int):
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+    actual = torch.distributed.get_world_size(group)
+    if actual != size:
+        raise ValueError(
+            f"the context-parallel process group has {actual} ranks but config.context_parallel_size is {size}; "
+            "pass the pg_collection (or initialize_model_parallel) built with the same context_parallel_size"
+        )
+    return group
 
 
 def set_moba_enabled(model: torch.nn.Module, enabled: bool) -> int:

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.varlen import BACKENDS
-
-CP_COMM_MODES = ("auto", "routed", "allgather")
+from ..parallel.attention import CP_COMM_MODES
 
 
 @dataclass

@@ -8,6 +8,8 @@ the tests use these.
   installable here); this one accepts it and marks its weights for the TP all-reduce of their grads.
 - Dropout runs on the CPU generator: the CUDA RNG tracker's ``fork`` (entered around dropout even
   at p=0) and the CUDA RNG save/restore of activation recompute become no-ops.
+- RoPE under context parallelism picks this rank's chunks of the position table with an index
+  tensor it moves to CUDA; on CPU the same chunks are taken with plain slicing.
 - ``torch.cuda.synchronize`` (called by dist_checkpointing) is a no-op, and
   ``torch.cuda.current_stream`` (waited on by DDP's grad sync) a stream that waits for nothing.
 """
@@ -39,6 +41,17 @@ def enable_cpu_shims() -> None:
     # Activation recompute saves and restores the CUDA RNG state; on CPU there is none to keep.
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
     random._set_cuda_rng_state = lambda *args, **kwargs: None
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+
+
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """Chunks ``r`` and ``2cp-1-r`` of the position table (Megatron's load-balanced split)."""
+    cp, rank = cp_group.size(), cp_group.rank()
+    chunks = pos_emb.chunk(2 * cp, dim=seq_dim)
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=seq_dim)
 
 
 class SequenceParallelNorm(torch.nn.Module):

@@ -1,17 +1,21 @@
 """Context-parallel building blocks (torch.distributed only, no model code).
 
 MoBA under context parallelism keeps KV blocks where Megatron's load-balanced sharding put them and
-exchanges only what gating and attention need (``../shared/DESIGN.md`` §6). This package holds the
-pieces that do not depend on the attention itself: which tokens and blocks a rank holds, the
-all-gather of block key sums that every rank gates against, and the byte count that picks the
-exchange mode. The attention exchange built on them is not here yet.
+exchanges only what gating and attention need (``../shared/DESIGN.md`` §6): sharding.py says which
+tokens and blocks a rank holds, exchange.py holds the collectives, cost.py the byte count that picks
+the exchange mode, and attention.py the context-parallel op ``moba_attn_cp`` built on them.
 """
 
+from .attention import CP_COMM_MODES, moba_attn_cp
 from .cost import choose_cp_comm, cp_comm_bytes
 from .exchange import gather_block_sums
-from .sharding import check_cp_split, local_block_ids, local_positions, zigzag_chunks
+from .sharding import ShardBlocks, check_cp_split, local_block_ids, local_positions, shard_blocks, zigzag_chunks
 
 __all__ = [
+    "CP_COMM_MODES",
+    "ShardBlocks",
+    "moba_attn_cp",
+    "shard_blocks",
     "check_cp_split",
     "choose_cp_comm",
     "cp_comm_bytes",

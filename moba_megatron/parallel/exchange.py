@@ -1,21 +1,59 @@
-"""The all-gather of block key sums: every rank gates its queries against every block."""
+"""The collectives of MoBA context parallelism, over the context-parallel process group.
+
+Each helper also returns the bytes this rank sent to other ranks, for the benchmark's accounting.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 
-from .sharding import local_block_ids
+from .sharding import ShardBlocks
 
 
-def gather_block_sums(local_sums: torch.Tensor, seq_len: int, chunk: int, group=None) -> torch.Tensor:
+def gather_block_sums(local_sums: torch.Tensor, shard: ShardBlocks, group=None) -> torch.Tensor:
     """``[local blocks, Hkv, D]`` on each rank -> ``[all blocks, Hkv, D]`` in global block order.
 
-    Tiny (blocks x Hkv x D fp32); one all-gather over the context-parallel group."""
-    cp_size = dist.get_world_size(group)
-    parts = [torch.empty_like(local_sums) for _ in range(cp_size)]
-    dist.all_gather(parts, local_sums.contiguous(), group=group)
-    total = torch.empty((local_sums.shape[0] * cp_size, *local_sums.shape[1:]), dtype=local_sums.dtype, device=local_sums.device)
-    for rank, part in enumerate(parts):
-        total[local_block_ids(seq_len, cp_size, rank, chunk)] = part
+    Tiny (blocks x Hkv x D fp32); one all-gather."""
+    cp = shard.cp_size
+    gathered = torch.empty((cp * local_sums.shape[0], *local_sums.shape[1:]), dtype=local_sums.dtype, device=local_sums.device)
+    dist.all_gather_into_tensor(gathered, local_sums.contiguous(), group=group)
+    total = torch.empty_like(gathered)
+    total[shard.all_block_ids] = gathered
     return total
+
+
+def all_gather(x: torch.Tensor, cp_size: int, group=None) -> tuple[torch.Tensor, int]:
+    """``x`` from every rank, stacked rank-major: ``[cp, *x.shape]``."""
+    out = x.new_empty((cp_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out.view(cp_size, *x.shape), x.numel() * x.element_size() * (cp_size - 1)
+
+
+def reduce_scatter(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """``x [cp, ...]`` summed over ranks; this rank keeps slice ``rank``."""
+    cp = x.shape[0]
+    out = x.new_empty(x.shape[1:])
+    dist.reduce_scatter_tensor(out.view(-1, *x.shape[2:]), x.contiguous().view(-1, *x.shape[2:]), group=group)
+    return out, out.numel() * out.element_size() * (cp - 1)
+
+
+class AllToAll:
+    """A fixed pattern of an all-to-all: how many rows this rank sends to and receives from each
+    rank. Built once per exchange (one small all-to-all of the counts, read on the host), then
+    used for every tensor of rows moved the same way, forward or ``back``."""
+
+    def __init__(self, send_counts: torch.Tensor, rank: int, group=None):
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        self.send, self.recv = send_counts.tolist(), recv_counts.tolist()
+        self.rank, self.group = rank, group
+
+    def __call__(self, rows: torch.Tensor, back: bool = False) -> tuple[torch.Tensor, int]:
+        send, recv = (self.recv, self.send) if back else (self.send, self.recv)
+        out = rows.new_empty((sum(recv), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), recv, send, group=self.group)
+        per_row = math.prod(rows.shape[1:]) * rows.element_size()
+        return out, (sum(send) - send[self.rank]) * per_row

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moba-full-attn-layers", type=int, nargs="*", default=[])
     g.add_argument("--moba-disable", action="store_false", dest="moba_enabled", help="full attention in every layer")
     g.add_argument("--moba-backend", default=None)
+    g.add_argument("--moba-cp-comm", choices=["auto", "routed", "allgather"], default="auto",
+                   help="how context parallelism exchanges MoBA blocks")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

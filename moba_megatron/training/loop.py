@@ -50,6 +50,15 @@ class Logger:
             done = int(30 * iteration / self.args.train_iters)
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {iteration}/{self.args.train_iters}", end="", flush=True)
 
+    def memory(self, iteration: int) -> None:
+        """Megatron's memory report line (rank 0's GPU)."""
+        mb = 2**20
+        self(
+            f"[Rank {dist.get_rank()}] (after {iteration} iterations) memory (MB) | allocated: "
+            f"{torch.cuda.memory_allocated() / mb:.1f} | max allocated: {torch.cuda.max_memory_allocated() / mb:.1f} "
+            f"| reserved: {torch.cuda.memory_reserved() / mb:.1f} | max reserved: {torch.cuda.max_memory_reserved() / mb:.1f}"
+        )
+
     def step(self, iteration, loss, grad_norm, lr, seconds) -> None:
         a = self.args
         tokens = a.global_batch_size * a.seq_length
@@ -70,10 +79,15 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
+    from ..parallel import local_positions
+
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    dp_group = parallel_state.get_data_parallel_group()
-    positions = torch.arange(args.seq_length, device=device)[None].expand(args.micro_batch_size, -1)
+    # This rank's share of every sequence under context parallelism (all positions at CP=1). Every
+    # CP rank holds as many tokens, so each averages its own and DDP's average over the
+    # data-and-context-parallel ranks gives the global mean's gradient.
+    mine = local_positions(args.seq_length, args.context_parallel_size, parallel_state.get_context_parallel_rank(), device)
+    positions = mine[None].expand(args.micro_batch_size, -1)
     model.train()
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     for iteration in range(start + 1, args.train_iters + 1):
@@ -82,15 +96,15 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
         step_loss = torch.zeros((), device=device)
         for micro in range(micro_batches):
             first = (iteration - 1) * args.global_batch_size + (micro * dp_size + dp_rank) * args.micro_batch_size
-            tokens, labels = (x.to(device) for x in data.batch(list(range(first, first + args.micro_batch_size))))
+            tokens, labels = (x.to(device)[:, mine] for x in data.batch(list(range(first, first + args.micro_batch_size))))
             loss = model(tokens, positions, None, labels=labels).float().mean() / micro_batches
             loss.backward()
             step_loss += loss.detach()
         finalize_model_grads([model])
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
-        dist.all_reduce(step_loss, group=dp_group)
-        window_loss += float(step_loss) / dp_size
+        dist.all_reduce(step_loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        window_loss += float(step_loss) / (dp_size * args.context_parallel_size)
         window_steps += 1
         log.progress(iteration)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -98,6 +112,8 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - window_start) / window_steps
             log.step(iteration, window_loss / window_steps, grad_norm or 0.0, optimizer.param_groups[0]["lr"], seconds)
+            if device == "cuda" and iteration == args.log_interval:
+                log.memory(iteration)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
         if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or iteration == args.train_iters):

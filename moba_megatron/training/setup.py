@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ..megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
 from ..megatron.cpu import enable_cpu_shims, sequence_parallel_block
+from ..parallel import check_cp_split
 
 
 def fail(message: str) -> None:
@@ -25,7 +26,10 @@ def init_distributed(args) -> str:
     if world % (tp * cp) != 0:
         fail(f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} = {tp * cp} does not divide the world size {world}")
     if cp > 1:
-        fail(f"--context-parallel-size {cp}: MoBA context parallelism is not available yet; use 1")
+        try:
+            check_cp_split(args.seq_length, cp, args.moba_chunk_size)
+        except ValueError as e:
+            fail(f"--seq-length {args.seq_length} does not split into MoBA blocks at --context-parallel-size {cp}: {e}")
     if args.bf16 and not torch.cuda.is_available():
         fail("--bf16 needs GPUs; the CPU run trains in fp32")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +86,7 @@ def transformer_config(args) -> MoBATransformerConfig:
             moba_full_attn_layers=args.moba_full_attn_layers,
             moba_enabled=args.moba_enabled,
             moba_backend=args.moba_backend,
+            moba_cp_comm=args.moba_cp_comm,
         )
     except (ValueError, AssertionError) as e:
         fail(str(e))
@@ -103,4 +108,9 @@ def build_model(args, config, device: str):
         rotary_base=args.rotary_base,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
     )
-    return model.to(device)
+    model = model.to(device)
+    if config.bf16:  # megatron's mixed precision: bf16 weights, fp32 logits for the loss
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    return model

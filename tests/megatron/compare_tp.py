@@ -1,4 +1,4 @@
-"""Compare tp_worker outputs: ``python -m tests.megatron.compare_tp REF.pt OTHER.pt [--rtol 0.02]``.
+"""Compare parallel_worker outputs: ``python -m tests.megatron.compare_tp REF.pt OTHER.pt [--rtol 0.02]``.
 
 Prints the loss of each and, per parameter, the relative error ||g - g_ref|| / ||g_ref|| of its
 gradient; exits non-zero if any exceeds ``--rtol`` (loss: ``--loss-atol``)."""

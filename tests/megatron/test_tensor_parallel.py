@@ -6,14 +6,16 @@ import pytest
 
 from tests.helpers import assert_close
 
-from .tp_worker import spawn
+from .parallel_worker import spawn
 
 
 def results(tmp_path, world, **kwargs):
+    """Rank 0's loss and full gradients; ``tp`` defaults to the whole world."""
     import torch
 
-    out = tmp_path / f"tp{world}-{sorted(kwargs.items())}.pt"
-    spawn(world, tp=world, out=str(out), **kwargs)
+    kwargs.setdefault("tp", world)
+    out = tmp_path / f"w{world}-{abs(hash(str(sorted(kwargs.items()))))}.pt"
+    spawn(world, out=str(out), **kwargs)
     return torch.load(out)
 
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from moba_megatron.ops.moba.gating import block_key_sums
 from moba_megatron.ops.moba.layout import block_layout
-from moba_megatron.parallel import gather_block_sums, local_positions
+from moba_megatron.parallel import gather_block_sums, local_positions, shard_blocks
 from tests.megatron.harness import free_port
 
 SEQ, CHUNK, HKV, D = 96, 4, 2, 8
@@ -20,9 +20,9 @@ def _rank(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     k = torch.randn(SEQ, HKV, D, generator=torch.Generator().manual_seed(0))
     local_k = k[local_positions(SEQ, world, rank)]
-    local_len = SEQ // world
-    local_sums = block_key_sums(local_k, block_layout((0, local_len), CHUNK, torch.device("cpu")))
-    gathered = gather_block_sums(local_sums, SEQ, CHUNK)
+    shard = shard_blocks(1, SEQ, world, rank, CHUNK, torch.device("cpu"))
+    local_sums = block_key_sums(local_k, shard.local)
+    gathered = gather_block_sums(local_sums, shard)
     expected = block_key_sums(k, block_layout((0, SEQ), CHUNK, torch.device("cpu")))
     torch.save(bool(torch.allclose(gathered, expected, atol=1e-5)), f"{out}.{rank}")
     dist.destroy_process_group()

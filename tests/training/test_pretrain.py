@@ -60,12 +60,25 @@ def test_resume_is_exact_and_reshards(tmp_path):
     assert abs(float(losses(result)[4]) - float(straight[4])) < 1e-4
 
 
+def test_context_parallel_run_matches_single_rank():
+    # CP=2 splits every sequence over the two ranks; the losses are those of one rank holding all.
+    # Full-attention layer included (it runs as MoBA with every block selected under CP).
+    args = [*SMALL, "--train-iters", "3", "--global-batch-size", "4", "--moba-full-attn-layers", "2"]
+    single = losses(pretrain(*args, nproc=1))
+    for comm in ("routed", "allgather"):
+        split = losses(pretrain(*args, "--context-parallel-size", "2", "--moba-cp-comm", comm))
+        assert sorted(split) == [1, 2, 3]
+        for it in (1, 2, 3):
+            assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (comm, it, split, single)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--config", "configs/tiny-cpu.yaml", "--train-iters", "1", "--tensor-model-parallel-size", "4"],
          "--tensor-model-parallel-size 4 x --context-parallel-size 1 = 4 does not divide the world size 2"),
-        (["--config", "configs/tiny-cpu.yaml", "--context-parallel-size", "2"], "context parallelism is not available yet"),
+        (["--config", "configs/tiny-cpu.yaml", "--context-parallel-size", "2", "--seq-length", "384"],
+         "--seq-length 384 does not split into MoBA blocks at --context-parallel-size 2"),
         (["--config", "configs/tiny-cpu.yaml", "--load", "/nonexistent/ckpt"], "no latest_checkpointed_iteration.txt there"),
         (["--config", "configs/tiny-cpu.yaml", "--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
         (["--config", "configs/tiny-cpu.yaml", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),

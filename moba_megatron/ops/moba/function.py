@@ -18,6 +18,7 @@ from ..varlen import VarlenBackend, get_backend
 from .gating import block_key_sums, select_blocks
 from .layout import BlockLayout, block_layout
 from .routing import HeadGroup, Piece, SelectionCounts, plan_routes
+from .rows import put_rows
 from .validate import check_max_seqlen, check_positive_int, check_qkv, check_scale, host_cu_seqlens
 
 _MERGE_TILE_ELEMENTS = 1 << 26
@@ -59,7 +60,7 @@ def _token_major_index(layout: BlockLayout, hkv: int, device) -> torch.Tensor:
     return ((heads[None, :] * layout.num_blocks + block[:, None]) * layout.chunk + within[:, None]).flatten()
 
 
-def _merge(out, lse, grid_out, grid_lse):
+def merge_partials(out, lse, grid_out, grid_lse):
     """Merge each cell's own-block result with its per-slot partials by log-sum-exp.
 
     ``out [T, nh, D]``, ``lse [nh, T]``; the grid holds ``[T, nh, slots]`` partials (LSE -inf where
@@ -80,17 +81,6 @@ def _merge(out, lse, grid_out, grid_lse):
         merged[t0:t1] = acc
         merged_lse[t0:t1] = total
     return merged, merged_lse.t()
-
-
-def _put_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    """``dst[index] = rows`` for whole rows, moved as the widest element type that tiles a row:
-    index_put works element by element, so 16-byte elements make it ~8x less work than bf16."""
-    width = dst.shape[-1] * dst.element_size()
-    for wide in (torch.complex128, torch.int64, torch.int32):
-        if width % wide.itemsize == 0:
-            dst.view(wide)[index] = rows.view(wide)
-            return
-    dst[index] = rows
 
 
 def _piece_rows(grp: HeadGroup, rows: _GroupRows, piece: Piece):
@@ -131,11 +121,11 @@ class MoBAFunction(torch.autograd.Function):
                         q_flat[rows.token_major[slot_rows]], kb[piece.tile_block], vb[piece.tile_block],
                         piece.tile_rows, piece.width, piece.max_rows, scale,
                     )
-                    _put_rows(grid_out, pos, o_r)
+                    put_rows(grid_out, pos, o_r)
                     grid_lse[pos] = l_r
                     del o_r, l_r
                 heads = slice(grp.h0, grp.h1)
-                out[:, heads], lse[heads] = _merge(out[:, heads], lse[heads], grid_out, grid_lse)
+                out[:, heads], lse[heads] = merge_partials(out[:, heads], lse[heads], grid_out, grid_lse)
                 del grid_out, grid_lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.groups, ctx.slots = layout, groups, slots
@@ -178,7 +168,7 @@ class MoBAFunction(torch.autograd.Function):
                     dout_rows, q_flat[tm], kb[piece.tile_block], vb[piece.tile_block], out_flat[tm],
                     lse_flat[rows.head_major[slot_rows]], piece.tile_rows, piece.width, piece.max_rows, scale,
                 )
-                _put_rows(grid_dq, pos, dq_r)
+                put_rows(grid_dq, pos, dq_r)
                 local = piece.tile_block - kv0 * nb
                 dkv[0].index_add_(0, local, dk_r.float())
                 dkv[1].index_add_(0, local, dv_r.float())

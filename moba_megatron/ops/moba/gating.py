@@ -46,10 +46,12 @@ def _sortable(scores: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int64) << 32) | (0x7FFFFFFF - block_ids)
 
 
-def select_blocks(
-    q: torch.Tensor, block_sums: torch.Tensor, layout: BlockLayout, num_selected: int
-) -> torch.Tensor:
+def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selected: int) -> torch.Tensor:
     """The ``num_selected`` best earlier blocks of every (query, head).
+
+    ``layout`` says where the queries' blocks are: a single-device ``BlockLayout``, or a context-
+    parallel rank's ``ShardBlocks`` (local queries, global block ids). It provides ``token_block``
+    and ``token_first_block`` (per query, on the device), ``max_candidates`` and ``candidate_range``.
 
     Returns ``[T, Hq, num_selected]`` int32 global block ids in ascending order, padded with -1
     where a query has fewer candidates. Ties go to the lower block index.
@@ -61,13 +63,9 @@ def select_blocks(
         return sel
     span = layout.max_candidates + 1
     tile = max(1, _TILE_ELEMENTS // (hq * span))
-    starts = layout.block_starts
-    lens = layout.block_lens
-    block_of = _host_token_to_block(starts, lens)
     for t0 in range(0, t, tile):
         t1 = min(t, t0 + tile)
-        lo = layout.block_first[block_of(t0)]
-        hi = block_of(t1 - 1)  # candidates lie strictly before a query's own block
+        lo, hi = layout.candidate_range(t0, t1)
         if hi <= lo:
             continue
         qt = q[t0:t1].float().view(t1 - t0, hkv, hq // hkv, d)
@@ -83,11 +81,3 @@ def select_blocks(
         sel[t0:t1, :, :n] = torch.where(chosen == _NO_BLOCK, -1, chosen).to(torch.int32)
     return sel
 
-
-def _host_token_to_block(starts: list[int], lens: list[int]):
-    import bisect
-
-    def block_of(token: int) -> int:
-        return bisect.bisect_right(starts, token) - 1 if lens else 0
-
-    return block_of

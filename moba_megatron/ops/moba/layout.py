@@ -6,6 +6,7 @@ partial. Blocks are numbered globally across the batch, in token order.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ class BlockLayout:
     @property
     def num_blocks(self) -> int:
         return len(self.block_starts)
+
+    def candidate_range(self, t0: int, t1: int) -> tuple[int, int]:
+        """Block ids ``[lo, hi)`` that hold every gating candidate of the tokens ``[t0, t1)``."""
+        if not self.block_starts:
+            return 0, 0
+        first = bisect.bisect_right(self.block_starts, t0) - 1
+        last = bisect.bisect_right(self.block_starts, t1 - 1) - 1
+        return self.block_first[first], last  # candidates lie strictly before a query's own block
 
 
 @functools.lru_cache(maxsize=16)

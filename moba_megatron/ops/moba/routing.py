@@ -126,34 +126,45 @@ def plan_routes(
         local = torch.arange(nh, device=device).view(1, nh, 1)
         keys = torch.where(sel[:, h0:h1] >= 0, local * nb + sel[:, h0:h1].long(), nh * nb).flatten()
         order = torch.sort(keys, stable=True).indices[:rows]
-        full, rest = [], []  # tiles as (first row, rows, kv block)
-        row = 0
-        for h in range(h0, h1):
-            for j, n in enumerate(counts[h]):
-                step = tile_width or max(n, 1)
-                for r0 in range(0, n, step):
-                    tile = (row + r0, min(step, n - r0), (h // group) * nb + j)
-                    (full if tile[1] == tile_width else rest).append(tile)
-                row += n
-        rest.sort(key=lambda tile: -tile[1])
-        tiles = full + rest
-        bounds = _pack(full, tile_width, layout.chunk, head_dim)
-        bounds += [(len(full) + a, len(full) + b, w) for a, b, w in _pack(rest, tile_width, layout.chunk, head_dim)]
-        # One host-to-device copy for every tile table of the group.
-        table = torch.tensor(tiles, dtype=torch.int64).t().contiguous().to(device, non_blocking=True)
-        pieces = [
-            Piece(
-                width=w,
-                max_rows=max(n for _, n, _ in tiles[a:b]),
-                num_rows=sum(n for _, n, _ in tiles[a:b]),
-                tile_row0=table[0, a:b],
-                tile_rows=table[1, a:b],
-                tile_block=table[2, a:b],
-            )
-            for a, b, w in bounds
-        ]
+        runs = ((counts[h][j], (h // group) * nb + j) for h in range(h0, h1) for j in range(nb))
+        pieces = pack_tiles(runs, tile_width, layout.chunk, head_dim, device)
         groups.append(HeadGroup(h0, h1, order, pieces))
     return groups
+
+
+def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device) -> list[Piece]:
+    """Cut sorted rows into tiles and pack the tiles into pieces.
+
+    ``runs`` yields ``(rows, kv block)`` for consecutive runs of sorted rows that attend one block.
+    ``tile_width=None`` makes one unpadded tile per run, for varlen kernels; an int cuts tiles of
+    at most that many rows, for padded fixed-shape kernels."""
+    full, rest = [], []  # tiles as (first row, rows, kv block)
+    row = 0
+    for n, block in runs:
+        step = tile_width or max(n, 1)
+        for r0 in range(0, n, step):
+            tile = (row + r0, min(step, n - r0), block)
+            (full if tile[1] == tile_width else rest).append(tile)
+        row += n
+    rest.sort(key=lambda tile: -tile[1])
+    tiles = full + rest
+    if not tiles:
+        return []
+    bounds = _pack(full, tile_width, chunk, head_dim)
+    bounds += [(len(full) + a, len(full) + b, w) for a, b, w in _pack(rest, tile_width, chunk, head_dim)]
+    # One host-to-device copy for every tile table.
+    table = torch.tensor(tiles, dtype=torch.int64).t().contiguous().to(device, non_blocking=True)
+    return [
+        Piece(
+            width=w,
+            max_rows=max(n for _, n, _ in tiles[a:b]),
+            num_rows=sum(n for _, n, _ in tiles[a:b]),
+            tile_row0=table[0, a:b],
+            tile_rows=table[1, a:b],
+            tile_block=table[2, a:b],
+        )
+        for a, b, w in bounds
+    ]
 
 
 def _pack(tiles, tile_width, chunk, head_dim) -> list[tuple[int, int, int | None]]:

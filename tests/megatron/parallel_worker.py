@@ -1,9 +1,9 @@
 """One training step of a tiny MoBA GPT (or, with ``--kind dense``, the same GPT on megatron's own
-attention, to calibrate bf16 noise) at a given tensor-parallel size; rank 0 saves the loss and the
-full (TP-gathered) gradients, to be compared across TP sizes.
+attention, to calibrate bf16 noise) at a given tensor- and context-parallel size; rank 0 saves the
+loss and the full (TP-gathered, CP-summed) gradients, to be compared across layouts.
 
 CPU/gloo (tests spawn it):  see tests/megatron/test_tensor_parallel.py
-GPU/NCCL, bf16:             torchrun --nproc-per-node 4 -m tests.megatron.tp_worker --tp 4 \\
+GPU/NCCL, bf16:             torchrun --nproc-per-node 4 -m tests.megatron.parallel_worker --tp 4 \\
                                 --device cuda --bf16 --out tp4.pt
 """
 
@@ -26,16 +26,22 @@ def gather_full(param: torch.Tensor, grad: torch.Tensor, tp_group) -> torch.Tens
 
 def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu", bf16: bool = False,
          sequence_parallel: bool = False, num_query_groups: int = 4, seq: int = 48, chunk: int = 8, topk: int = 2,
-         sp_norm: bool | None = None, kind: str = "moba"):
+         sp_norm: bool | None = None, kind: str = "moba", cp: int = 1, comm: str = "auto",
+         full_layers: tuple[int, ...] = ()):
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
     from .harness import destroy_parallel, init_parallel
     from .models import batch, build_gpt, tiny_config
 
-    init_parallel(rank, world, port, tp=tp, device=device)
+    from moba_megatron.parallel import local_positions
+
+    init_parallel(rank, world, port, tp=tp, cp=cp, device=device)
     config = tiny_config(
         tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        moba_cp_comm=comm,
+        moba_full_attn_layers=list(full_layers),
         sequence_parallel=sequence_parallel,
         num_query_groups=num_query_groups,
         num_attention_heads=8,
@@ -50,12 +56,18 @@ def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu
     if bf16:
         model = Float16Module(config, model)
     tokens, position_ids, mask, labels = batch(seq=seq, device=device)
-    loss = model(tokens, position_ids, mask, labels=labels).float().mean()
+    cp_group = parallel_state.get_context_parallel_group()
+    mine = local_positions(seq, cp, parallel_state.get_context_parallel_rank(), device)  # Megatron's CP split
+    tokens, position_ids, labels = tokens[:, mine], position_ids[:, mine], labels[:, mine]
+    loss = model(tokens, position_ids, mask, labels=labels).float().sum() / (labels.shape[0] * seq)
     loss.backward()
+    loss = loss.detach()
+    dist.all_reduce(loss, group=cp_group)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     grads = {}
     for name, p in model.named_parameters():
         grad = p.main_grad if hasattr(p, "main_grad") else p.grad
+        dist.all_reduce(grad, group=cp_group)  # each CP rank holds its tokens' share (DDP sums it)
         if getattr(p, "sequence_parallel", False):  # what finalize_model_grads does for SP norms
             dist.all_reduce(grad, group=tp_group)
         grads[name.removeprefix("module.")] = gather_full(p, grad, tp_group).float().cpu()
@@ -81,6 +93,8 @@ def spawn(world: int, **kwargs) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--comm", default="auto", choices=["auto", "routed", "allgather"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--bf16", action="store_true")
@@ -94,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     step(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]), args.tp, args.out,
          args.device, args.bf16, args.sequence_parallel, args.num_query_groups, args.seq, args.chunk, args.topk,
-         args.sp_norm or args.sequence_parallel, args.kind)
+         args.sp_norm or args.sequence_parallel, args.kind, args.cp, args.comm)
 
 
 if __name__ == "__main__":

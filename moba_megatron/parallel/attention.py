@@ -1,0 +1,276 @@
+"""MoBA under context parallelism (DESIGN §6).
+
+Every rank holds Megatron's load-balanced share of each sequence (chunks ``r`` and ``2cp-1-r``), and
+chunks hold whole MoBA blocks, so the own-block causal attention is purely local. Gating needs every
+block's key sum: one small all-gather. The selected (query, head, block) rows then reach their
+block's keys in one of two ways:
+
+- ``routed``: each row travels to the rank owning its block (all-to-all), the owner attends it
+  against its local blocks, and the partial output and LSE travel back. No K/V leaves its rank.
+  The backward sends the rows' output gradient, merged output and LSE out and the dq rows back.
+- ``allgather``: K and V are all-gathered and every rank attends its own rows locally. The
+  backward gathers K/V again (nothing of the gathered copy is kept) and reduce-scatters dK/dV.
+
+Partials are merged with the own-block result by log-sum-exp, and each part's kernel backward runs
+against the merged output, exactly as on one device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops.moba.function import merge_partials
+from ..ops.moba.gating import block_key_sums, select_blocks
+from ..ops.moba.rows import plan_rows, put_rows, rows_backward, rows_forward
+from ..ops.moba.validate import check_positive_int, check_qkv, check_scale
+from ..ops.varlen import get_backend
+from .cost import choose_cp_comm
+from .exchange import AllToAll, all_gather, gather_block_sums, reduce_scatter
+from .sharding import ShardBlocks, shard_blocks
+
+CP_COMM_MODES = ("auto", "routed", "allgather")
+
+
+def _block_store(x: torch.Tensor, blocks: int, chunk: int) -> torch.Tensor:
+    """Local tokens ``[..., blocks * C, Hkv, D]`` (leading dims: ranks) -> ``[Hkv * all blocks, C, D]``."""
+    hkv, d = x.shape[-2:]
+    return x.reshape(-1, chunk, hkv, d).permute(2, 0, 1, 3).reshape(-1, chunk, d)
+
+
+def _store_grad_to_tokens(grad: torch.Tensor, ranks: int, chunk: int, hkv: int) -> torch.Tensor:
+    """Inverse layout of ``_block_store``: ``[Hkv * ranks * blocks, C, D] -> [ranks, blocks * C, Hkv, D]``."""
+    d = grad.shape[-1]
+    return grad.view(hkv, ranks, -1, chunk, d).permute(1, 2, 3, 0, 4).reshape(ranks, -1, hkv, d)
+
+
+class _Selection:
+    """This rank's selected rows, as flat indices ``cell`` into ``[T, Hq, slots]`` (int64). The
+    other per-row indices are derived on demand: rows number ``T * Hq * (topk - 1)``, so keeping
+    several int64 tables of that length would cost more memory than the attention itself."""
+
+    def __init__(self, sel: torch.Tensor):
+        self.shape = sel.shape
+        self.cell = torch.nonzero(sel.view(-1) >= 0).squeeze(1)
+
+    def token_head(self, cell: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        _, hq, slots = self.shape
+        cell = self.cell if cell is None else cell
+        return cell // (hq * slots), cell // slots % hq
+
+    def token_major(self, cell=None) -> torch.Tensor:
+        """Row of ``[T * Hq]`` (q, out, dout viewed as rows)."""
+        token, head = self.token_head(cell)
+        return token * self.shape[1] + head
+
+    def head_major(self, cell=None) -> torch.Tensor:
+        """Row of ``[Hq * T]`` (the LSE's layout)."""
+        token, head = self.token_head(cell)
+        return head * self.shape[0] + token
+
+
+class MoBAContextParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, shard: ShardBlocks, topk, scale, backend, mode, group, stats):
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        chunk, cp = shard.chunk, shard.cp_size
+        cu = shard.local.cu_blocks
+        out, lse = backend.forward(q, k, v, cu, cu, chunk, chunk, True, scale)
+        slots = min(topk - 1, shard.max_candidates)
+        ctx.shard, ctx.scale, ctx.backend, ctx.mode, ctx.group, ctx.stats = shard, scale, backend, mode, group, stats
+        ctx.rows = None
+        sent = 0
+        if slots > 0:
+            sums = gather_block_sums(block_key_sums(k, shard.local), shard, group)
+            sent += sums.numel() // cp * sums.element_size() * (cp - 1)
+            sel = select_blocks(q, sums, shard, slots)
+            rows = _Selection(sel)
+            owner, block = shard.owner(sel.view(-1)[rows.cell].long())
+            del sel
+            kv_head = rows.token_head()[1] // (hq // hkv)
+            q_flat = q.view(-1, d)
+            nloc = shard.local_blocks
+            grid_out = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) partials
+            grid_lse = torch.full((t * hq * slots + 1,), float("-inf"), device=q.device)
+            if mode == "allgather":
+                kv, n = all_gather(torch.stack([k, v]), cp, group)
+                sent += n
+                keys = kv_head * (cp * nloc) + owner * nloc + block
+                del kv_head, owner, block
+                plan = plan_rows(keys, hkv * cp * nloc, backend.tile_width, chunk, d)
+                o_rows, l_rows = rows_forward(
+                    backend, plan, q_flat, _block_store(kv[:, 0], nloc, chunk), _block_store(kv[:, 1], nloc, chunk),
+                    scale, index=rows.token_major(),
+                )
+                put_rows(grid_out, rows.cell, o_rows)
+                grid_lse[rows.cell] = l_rows
+                del kv, o_rows, l_rows
+                work = len(keys)
+            else:
+                k_store, v_store = _block_store(k, nloc, chunk), _block_store(v, nloc, chunk)
+                rounds = _routed_rounds(len(rows.cell), group)
+                ctx.routed, work = [], 0
+                for r0, r1 in rounds:
+                    part = slice(r0, r1)
+                    by_owner = torch.sort(owner[part], stable=True).indices
+                    route = AllToAll(torch.bincount(owner[part], minlength=cp), shard.cp_rank, group)
+                    cells = rows.cell[part][by_owner]
+                    recv_q, n1 = route(q_flat[rows.token_major(cells)])
+                    recv_keys, n2 = route((kv_head[part] * nloc + block[part])[by_owner])
+                    plan = plan_rows(recv_keys, hkv * nloc, backend.tile_width, chunk, d)
+                    o_recv, l_recv = rows_forward(backend, plan, recv_q, k_store, v_store, scale)
+                    del recv_q
+                    o_rows, n3 = route(o_recv, back=True)  # in the order of `cells`
+                    l_rows, n4 = route(l_recv, back=True)
+                    del o_recv, l_recv
+                    put_rows(grid_out, cells, o_rows)
+                    grid_lse[cells] = l_rows
+                    del o_rows, l_rows
+                    ctx.routed.append((cells, route, plan))
+                    sent += n1 + n2 + n3 + n4
+                    work += len(recv_keys)
+                del kv_head, owner, block, k_store, v_store
+                plan = None
+            out, lse = merge_partials(out, lse, grid_out, grid_lse)
+            lse = lse.contiguous()
+            ctx.rows, ctx.plan, ctx.slots = rows, plan, slots
+            _record(stats, "forward", sent, work)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        shard, scale, backend, group = ctx.shard, ctx.scale, ctx.backend, ctx.group
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        chunk, cp, nloc = shard.chunk, shard.cp_size, shard.local_blocks
+        dout = dout.contiguous()
+        cu = shard.local.cu_blocks
+        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu, cu, chunk, chunk, True, scale)
+        rows = ctx.rows
+        if rows is None:
+            return dq, dk, dv, *([None] * 7)
+        dout_flat, out_flat = dout.view(-1, d), out.view(-1, d)
+        slots = ctx.slots
+        grid_dq = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) dq partials
+        if ctx.mode == "allgather":
+            tm, hm = rows.token_major(), rows.head_major()
+            kv, sent = all_gather(torch.stack([k, v]), cp, group)
+            dq_rows, dks, dvs = rows_backward(
+                backend, ctx.plan, dout_flat, q.view(-1, d), out_flat, lse.view(-1),
+                _block_store(kv[:, 0], nloc, chunk), _block_store(kv[:, 1], nloc, chunk), scale,
+                index=tm, lse_index=hm,
+            )
+            del kv
+            grads = torch.stack([_store_grad_to_tokens(g, cp, chunk, hkv) for g in (dks, dvs)], dim=1)
+            del dks, dvs
+            dkv, n = reduce_scatter(grads, group)  # [2, T, Hkv, D] fp32: this rank's blocks, summed
+            del grads
+            sent += n
+            put_rows(grid_dq, rows.cell, dq_rows)
+            del dq_rows
+            work = len(tm)
+        else:
+            k_store, v_store = _block_store(k, nloc, chunk), _block_store(v, nloc, chunk)
+            dks = torch.zeros(k_store.shape, dtype=torch.float32, device=q.device)
+            dvs = torch.zeros_like(dks)
+            q_flat, lse_flat = q.view(-1, d), lse.view(-1)
+            sent, work = 0, 0
+            for cells, route, plan in ctx.routed:
+                tm, hm = rows.token_major(cells), rows.head_major(cells)
+                # q rows travel again rather than being kept from the forward: a layer's
+                # received rows are (topk - 1) x its queries, too many to hold until the backward.
+                recv_q, n0 = route(q_flat[tm])
+                recv_dout, n1 = route(dout_flat[tm])
+                recv_out, n2 = route(out_flat[tm])
+                recv_lse, n3 = route(lse_flat[hm])
+                dq_recv, dk_part, dv_part = rows_backward(
+                    backend, plan, recv_dout, recv_q, recv_out, recv_lse, k_store, v_store, scale
+                )
+                del recv_q, recv_dout, recv_out, recv_lse
+                dks += dk_part
+                dvs += dv_part
+                del dk_part, dv_part
+                dq_rows, n4 = route(dq_recv, back=True)
+                put_rows(grid_dq, cells, dq_rows)
+                del dq_recv, dq_rows
+                sent += n0 + n1 + n2 + n3 + n4
+                work += len(plan.order)
+            dkv = torch.stack([_store_grad_to_tokens(g, 1, chunk, hkv)[0] for g in (dks, dvs)])
+        dq = (dq.float() + grid_dq[:-1].view(t, hq, slots, d).sum(2, dtype=torch.float32)).to(q.dtype)
+        dk = (dk.float() + dkv[0]).to(k.dtype)
+        dv = (dv.float() + dkv[1]).to(v.dtype)
+        _record(ctx.stats, "backward", sent, work)
+        return dq, dk, dv, *([None] * 7)
+
+
+_ROUND_ROWS = 1 << 24  # routed rows per exchange round: bounds the rows in flight (~4 GiB at D=128, bf16)
+
+
+def _routed_rounds(num_rows: int, group) -> list[tuple[int, int]]:
+    """Cut this rank's rows into rounds; every rank runs as many rounds as the busiest one (the
+    exchange is collective), with empty rounds where it has run out."""
+    most = torch.tensor([num_rows], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        most = most.cuda()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    count = max(1, -(-int(most) // _ROUND_ROWS))
+    step = -(-num_rows // count) if num_rows else 0
+    return [(min(i * step, num_rows), min((i + 1) * step, num_rows)) for i in range(count)]
+
+
+def _record(stats: dict | None, phase: str, sent: int, rows: int) -> None:
+    if stats is not None:
+        stats[f"{phase}_bytes_sent"] = stats.get(f"{phase}_bytes_sent", 0) + sent
+        stats[f"{phase}_rows_attended"] = stats.get(f"{phase}_rows_attended", 0) + rows
+
+
+def moba_attn_cp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: int,
+    seq_len: int,
+    moba_chunk_size: int,
+    moba_topk: int,
+    *,
+    group=None,
+    comm: str = "auto",
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """MoBA attention of one context-parallel rank's tokens; equal to ``moba_attn_varlen`` over the
+    whole sequences, restricted to this rank's tokens (outputs and gradients).
+
+    Args:
+        q: ``[batch * seq_len / cp, Hq, D]``; k, v: ``[batch * seq_len / cp, Hkv, D]``: this rank's
+            tokens of each sample in Megatron's load-balanced order (chunks ``r`` then ``2cp-1-r``),
+            sample after sample.
+        batch, seq_len: samples and their full (unsharded) length; all samples have this length.
+        group: the context-parallel process group (None: the default group).
+        comm: ``"routed"``, ``"allgather"`` or ``"auto"`` (fewer bytes by DESIGN §6's count).
+        stats: if given, bytes sent to other ranks and rows attended are added to it.
+    """
+    check_qkv(q, k, v)
+    check_positive_int("moba_chunk_size", moba_chunk_size)
+    check_positive_int("moba_topk", moba_topk)
+    check_positive_int("batch", batch)
+    check_scale(softmax_scale)
+    if comm not in CP_COMM_MODES:
+        raise ValueError(f"comm must be one of {CP_COMM_MODES}, got {comm!r}")
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if seq_len % cp or q.shape[0] != batch * (seq_len // cp):
+        raise ValueError(
+            f"q holds {q.shape[0]} tokens, but batch {batch} x seq_len {seq_len} / context_parallel_size {cp} "
+            f"= {batch * seq_len / cp:g}: pass each rank's share of every sample (Megatron's get_batch_on_this_cp_rank)"
+        )
+    impl = get_backend(backend, q, k)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    shard = shard_blocks(batch, seq_len, cp, rank, moba_chunk_size, q.device)
+    if comm == "auto":
+        comm = choose_cp_comm(seq_len, cp, moba_topk, q.shape[1], k.shape[1], q.shape[2])
+    return MoBAContextParallelFunction.apply(q, k, v, shard, moba_topk, scale, impl, comm, group, stats)
