@@ -1,5 +1,7 @@
-"""Checkpoints: the model through megatron-core's dist_checkpointing (loadable into another TP
-layout), optimizer and RNG state per rank, the step counter and schedule on rank 0.
+"""Checkpoints through megatron-core's dist_checkpointing: the model, and on GPUs megatron-core's
+optimizer state beside it, both loadable into another TP/CP/DP layout; per rank, the RNG state and
+(CPU runs, whose torch AdamW has no sharded form) the optimizer state; on rank 0 the step counter
+and schedule.
 
 ``<dir>/latest_checkpointed_iteration.txt`` is rewritten (atomically) only after a save is complete,
 so an interrupted run resumes from the last finished save.
@@ -25,6 +27,35 @@ def _rank_file(path: Path) -> Path:
     return path / f"rank{dist.get_rank():05d}_of_{dist.get_world_size():05d}_tp{tp}_cp{cp}.pt"
 
 
+def _sharded(model, optimizer, loading: bool) -> dict:
+    model_state = model.module.sharded_state_dict()
+    state = {"model": model_state}
+    if hasattr(optimizer, "sharded_state_dict"):  # megatron-core's optimizers: resharded like the model
+        if loading:
+            _ensure_optimizer_state(optimizer)
+        # The distributed optimizer's one format that reshards over TP as well as DP (its default,
+        # fully_sharded_model_space, is refused by dist_checkpointing 0.19).
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)
+    return state
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """The distributed optimizer's state dict reads every parameter's Adam step, which exists only
+    after a first step; megatron-core makes one with zero gradients before loading into it (as for
+    its FSDP format), and the load then overwrites all of it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _per_rank(optimizer) -> dict:
+    state = {"rng": torch.get_rng_state()}
+    if not hasattr(optimizer, "sharded_state_dict"):
+        state["optimizer"] = optimizer.state_dict()
+    return state
+
+
 def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing
 
@@ -33,8 +64,8 @@ def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(model.module.sharded_state_dict(), str(path))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, _rank_file(path))
+    dist_checkpointing.save(_sharded(model, optimizer, loading=False), str(path))
+    torch.save(_per_rank(optimizer), _rank_file(path))
     if dist.get_rank() == 0:
         torch.save({"iteration": iteration, "scheduler": scheduler.state_dict()}, path / "train_state.pt")
     dist.barrier()
@@ -54,14 +85,17 @@ def load(directory: str, model, optimizer, scheduler, log) -> int:
         raise SystemExit(f"moba-pretrain: error: --load {directory}: no {LATEST} there (nothing was saved)")
     iteration = int((root / LATEST).read_text())
     path = root / f"iter_{iteration:07d}"
-    state = dist_checkpointing.load(model.module.sharded_state_dict(), str(path))
-    model.module.load_state_dict(state)
+    state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
+    model.module.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     rank_file = _rank_file(path)
     if rank_file.is_file():
         saved = torch.load(rank_file, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
-    else:
+    elif "optimizer" not in state:
         log(f"checkpoint {path} was saved with another layout: model weights resharded, optimizer state restarted")
     train_state = torch.load(path / "train_state.pt", weights_only=False)
     scheduler.load_state_dict(train_state["scheduler"])

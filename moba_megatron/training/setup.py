@@ -92,11 +92,19 @@ def transformer_config(args) -> MoBATransformerConfig:
         fail(str(e))
 
 
+def _fused_norms() -> bool:
+    """Whether megatron-core's specs get Transformer Engine or apex norms (which take sequence
+    parallelism) rather than its torch norm (which refuses it)."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
+
+
 def build_model(args, config, device: str):
     from megatron.core.models.gpt import GPTModel
 
     spec = get_gpt_layer_with_moba_spec(use_te=None if device == "cuda" else False, normalization=args.normalization)
-    if device == "cpu" and args.sequence_parallel:
+    if args.sequence_parallel and (device == "cpu" or not _fused_norms()):
         # megatron's torch norm refuses sequence parallelism; apex/TE norms do not run on CPU
         spec = sequence_parallel_block(spec, config.num_layers)
     model = GPTModel(
