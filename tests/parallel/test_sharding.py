@@ -54,3 +54,21 @@ def test_auto_mode_follows_the_byte_count():
     assert cp_comm_bytes("allgather", 1024, 4, 12, 8, 2, 64) == 2 * 3 * 256 * 2 * 64 * 2
     with pytest.raises(ValueError, match="unknown context-parallel exchange mode 'ring'"):
         cp_comm_bytes("ring", 1024, 4, 12, 8, 2, 64)
+
+
+@pytest.mark.parametrize("cp,batch", [(1, 1), (2, 3), (4, 2)])
+def test_block_owner_inverts_the_local_block_ids(cp, batch):
+    from moba_megatron.parallel import shard_blocks
+
+    seq, chunk = 64, 4
+    shards = [shard_blocks(batch, seq, cp, r, chunk, torch.device("cpu")) for r in range(cp)]
+    seen = []
+    for rank, shard in enumerate(shards):
+        owner, index = shard.owner(torch.tensor(shard.block_ids))
+        assert owner.tolist() == [rank] * shard.local_blocks
+        assert index.tolist() == list(range(shard.local_blocks))
+        assert shard.all_block_ids.tolist() == [b for s in shards for b in s.block_ids]
+        # tokens: each local token's global block is its local block's global id
+        assert shard.token_block.tolist() == [b for b in shard.block_ids for _ in range(chunk)]
+        seen += shard.block_ids
+    assert sorted(seen) == list(range(batch * seq // chunk))

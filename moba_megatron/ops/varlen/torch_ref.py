@@ -44,7 +44,6 @@ class TorchBackend(VarlenTiles):
 
     def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         tq, hq, d = q.shape
-        hkv = k.shape[1]
         out = torch.zeros(tq, hq, d, dtype=q.dtype, device=q.device)
         lse = torch.full((hq, tq), float("-inf"), dtype=torch.float32, device=q.device)
         for q0, q1, k0, k1 in self._segments(cu_q, cu_k):
