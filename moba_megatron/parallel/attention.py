@@ -7,7 +7,8 @@ block's keys in one of two ways:
 
 - ``routed``: each row travels to the rank owning its block (all-to-all), the owner attends it
   against its local blocks, and the partial output and LSE travel back. No K/V leaves its rank.
-  The backward sends the rows' output gradient, merged output and LSE out and the dq rows back.
+  The backward sends the rows' query, output gradient, merged output and LSE out and the dq rows
+  back. Rows move in rounds of at most ``_ROUND_ROWS`` so the buffers in flight stay bounded.
 - ``allgather``: K and V are all-gathered and every rank attends its own rows locally. The
   backward gathers K/V again (nothing of the gathered copy is kept) and reduce-scatters dK/dV.
 
@@ -32,7 +33,7 @@ from .sharding import ShardBlocks, shard_blocks
 CP_COMM_MODES = ("auto", "routed", "allgather")
 
 
-def _block_store(x: torch.Tensor, blocks: int, chunk: int) -> torch.Tensor:
+def _block_store(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """Local tokens ``[..., blocks * C, Hkv, D]`` (leading dims: ranks) -> ``[Hkv * all blocks, C, D]``."""
     hkv, d = x.shape[-2:]
     return x.reshape(-1, chunk, hkv, d).permute(2, 0, 1, 3).reshape(-1, chunk, d)
@@ -101,7 +102,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
                 del kv_head, owner, block
                 plan = plan_rows(keys, hkv * cp * nloc, backend.tile_width, chunk, d)
                 o_rows, l_rows = rows_forward(
-                    backend, plan, q_flat, _block_store(kv[:, 0], nloc, chunk), _block_store(kv[:, 1], nloc, chunk),
+                    backend, plan, q_flat, _block_store(kv[:, 0], chunk), _block_store(kv[:, 1], chunk),
                     scale, index=rows.token_major(),
                 )
                 put_rows(grid_out, rows.cell, o_rows)
@@ -109,7 +110,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
                 del kv, o_rows, l_rows
                 work = len(keys)
             else:
-                k_store, v_store = _block_store(k, nloc, chunk), _block_store(v, nloc, chunk)
+                k_store, v_store = _block_store(k, chunk), _block_store(v, chunk)
                 rounds = _routed_rounds(len(rows.cell), group)
                 ctx.routed, work = [], 0
                 for r0, r1 in rounds:
@@ -146,7 +147,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
         shard, scale, backend, group = ctx.shard, ctx.scale, ctx.backend, ctx.group
         t, hq, d = q.shape
         hkv = k.shape[1]
-        chunk, cp, nloc = shard.chunk, shard.cp_size, shard.local_blocks
+        chunk, cp = shard.chunk, shard.cp_size
         dout = dout.contiguous()
         cu = shard.local.cu_blocks
         dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu, cu, chunk, chunk, True, scale)
@@ -161,7 +162,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             kv, sent = all_gather(torch.stack([k, v]), cp, group)
             dq_rows, dks, dvs = rows_backward(
                 backend, ctx.plan, dout_flat, q.view(-1, d), out_flat, lse.view(-1),
-                _block_store(kv[:, 0], nloc, chunk), _block_store(kv[:, 1], nloc, chunk), scale,
+                _block_store(kv[:, 0], chunk), _block_store(kv[:, 1], chunk), scale,
                 index=tm, lse_index=hm,
             )
             del kv
@@ -174,7 +175,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             del dq_rows
             work = len(tm)
         else:
-            k_store, v_store = _block_store(k, nloc, chunk), _block_store(v, nloc, chunk)
+            k_store, v_store = _block_store(k, chunk), _block_store(v, chunk)
             dks = torch.zeros(k_store.shape, dtype=torch.float32, device=q.device)
             dvs = torch.zeros_like(dks)
             q_flat, lse_flat = q.view(-1, d), lse.view(-1)
