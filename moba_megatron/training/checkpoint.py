@@ -1,7 +1,7 @@
-"""Checkpoints through megatron-core's dist_checkpointing: the model, and on GPUs megatron-core's
-optimizer state beside it, both loadable into another TP/CP/DP layout; per rank, the RNG state and
-(CPU runs, whose torch AdamW has no sharded form) the optimizer state; on rank 0 the step counter
-and schedule.
+"""Checkpoints through megatron-core's dist_checkpointing: the model and the optimizer state beside
+it (megatron-core's optimizer on GPUs, ``CpuAdamW`` on CPU), both keyed by the model's sharded
+parameters and so loadable into another TP/CP/DP layout; per rank, the RNG state; on rank 0 the
+step counter and schedule.
 
 ``<dir>/latest_checkpointed_iteration.txt`` is rewritten (atomically) only after a save is complete,
 so an interrupted run resumes from the last finished save.
@@ -30,7 +30,7 @@ def _rank_file(path: Path) -> Path:
 def _sharded(model, optimizer, loading: bool) -> dict:
     model_state = model.module.sharded_state_dict()
     state = {"model": model_state}
-    if hasattr(optimizer, "sharded_state_dict"):  # megatron-core's optimizers: resharded like the model
+    if hasattr(optimizer, "sharded_state_dict"):  # resharded like the model
         if loading:
             _ensure_optimizer_state(optimizer)
         # The distributed optimizer's one format that reshards over TP as well as DP (its default,

@@ -68,7 +68,34 @@ class CpuAdamW:
     def state_dict(self):
         return self.optimizer.state_dict()
 
+    def sharded_state_dict(self, model_state: dict, is_loading: bool = False, metadata=None) -> dict:
+        """The Adam moments as sharded tensors keyed like the model's parameters (so a checkpoint
+        reshards over TP like the weights), and the step count, shared by every parameter."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if is_loading:  # torch's Adam creates its state at the first step; loading needs it now
+            for p in params:
+                if not self.optimizer.state[p]:
+                    self.optimizer.state[p].update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+                    )
+        state = self.optimizer.state_dict()
+        state["state"] = {i: dict(s) for i, s in state["state"].items()}  # the live dicts stay as they are
+        steps = {float(s.pop("step")) for s in state["state"].values()}
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_state, params))
+        state["common_step"] = steps.pop() if steps else 0.0
+        return state
+
     def load_state_dict(self, state):
+        if "common_step" in state:  # the sharded form
+            state = dict(state)
+            step = state.pop("common_step")
+            for s in state["state"].values():
+                s["step"] = torch.tensor(step)
         self.optimizer.load_state_dict(state)
 
 

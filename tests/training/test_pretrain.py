@@ -54,10 +54,12 @@ def test_resume_is_exact_and_reshards(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for it in (4, 5, 6):  # same layout: bit-identical losses
         assert resumed[it] == straight[it], (it, resumed[it], straight[it])
-    # The DP=2 checkpoint loads into TP=2: same weights, so the first step's loss matches.
-    result = pretrain(*SMALL, "--train-iters", "4", "--load", str(tmp_path), "--tensor-model-parallel-size", "2")
-    assert "saved with another layout" in result.stdout
-    assert abs(float(losses(result)[4]) - float(straight[4])) < 1e-4
+    # The DP=2 checkpoint loads into TP=2: weights and Adam moments are resharded, so the losses
+    # follow the straight run up to TP's different summation order.
+    for layout in ("--tensor-model-parallel-size", "--context-parallel-size"):
+        resharded = losses(pretrain(*SMALL, "--train-iters", "6", "--load", str(tmp_path), layout, "2"))
+        for it in (4, 5, 6):
+            assert abs(float(resharded[it]) - float(straight[it])) < 1e-4 * float(straight[it]), (layout, it, resharded, straight)
 
 
 def test_context_parallel_run_matches_single_rank():
