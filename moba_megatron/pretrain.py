@@ -36,6 +36,8 @@ def main(argv=None) -> None:
     try:
         micro_batches = check_batch(args)
         config = transformer_config(args)
+        if args.lr_warmup_iters and args.lr_warmup_iters >= args.train_iters:
+            fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
         if args.seq_length % args.tensor_model_parallel_size and args.sequence_parallel:
             fail(f"--seq-length {args.seq_length} must be divisible by --tensor-model-parallel-size with --sequence-parallel")
         data = build_data(args)

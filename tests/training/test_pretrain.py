@@ -84,6 +84,7 @@ def test_context_parallel_run_matches_single_rank():
         (["--config", "configs/tiny-cpu.yaml", "--load", "/nonexistent/ckpt"], "no latest_checkpointed_iteration.txt there"),
         (["--config", "configs/tiny-cpu.yaml", "--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
         (["--config", "configs/tiny-cpu.yaml", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
+        (["--config", "configs/tiny-cpu.yaml", "--train-iters", "3"], "--lr-warmup-iters 5 must be below --train-iters 3"),
         (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--vocab-size", "300"],
          "/nonexistent/corpus.bin and /nonexistent/corpus.idx not found"),
     ],
