@@ -10,6 +10,9 @@ the tests use these.
   at p=0) and the CUDA RNG save/restore of activation recompute become no-ops.
 - RoPE under context parallelism picks this rank's chunks of the position table with an index
   tensor it moves to CUDA; on CPU the same chunks are taken with plain slicing.
+- Allocations megatron makes on "cuda" unconditionally (the pipeline schedules' token counter, the
+  tied embedding that pipeline stages all-reduce at construction) land on the CPU: ``Tensor.cuda()``
+  returns the tensor and ``torch.zeros(..., device="cuda")`` allocates on the CPU.
 - ``torch.cuda.synchronize`` (called by dist_checkpointing) is a no-op, and
   ``torch.cuda.current_stream`` (waited on by DDP's grad sync) a stream that waits for nothing.
 """
@@ -35,6 +38,8 @@ def enable_cpu_shims() -> None:
     from megatron.core.tensor_parallel import random
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.zeros = _on_cpu(torch.zeros)
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
@@ -45,6 +50,15 @@ def enable_cpu_shims() -> None:
 
     rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+
+
+def _on_cpu(factory):
+    def make(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
 
 
 def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:

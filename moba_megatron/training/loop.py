@@ -75,6 +75,40 @@ class Logger:
             self.writer.flush()
 
 
+def forward_backward_func(args, model, positions, micro_batches: int):
+    """One step's forward and backward over its micro batches through megatron-core's schedule
+    (1F1B across stages when PP > 1). Returns a function of the micro-batch iterator that gives the
+    step's mean loss on the last pipeline stage (0 on the others)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    schedule = get_forward_backward_func()
+
+    def forward_step(batches, model):
+        tokens, labels = next(batches)
+        output = model(tokens, positions, None, labels=labels)
+
+        def loss_func(per_token):
+            # (sum, tokens): the schedule divides, so each rank's loss is the mean over its tokens
+            # and DDP's average over the data- and context-parallel ranks gives the global mean.
+            total = per_token.float().sum()
+            count = torch.tensor(per_token.numel(), device=total.device)
+            return total, count, {"lm loss": total.detach() / count}
+
+        return output, loss_func
+
+    def step(batches) -> torch.Tensor:
+        reported = schedule(
+            forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=micro_batches,
+            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False,
+        )
+        loss = torch.zeros((), device=positions.device)
+        for item in reported:  # the last stage's per-micro-batch losses
+            loss += item["lm loss"] / micro_batches
+        return loss
+
+    return step
+
+
 def train(args, model, optimizer, scheduler, data, start: int, micro_batches: int, device: str, log: Logger):
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
@@ -89,20 +123,20 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
     mine = local_positions(args.seq_length, args.context_parallel_size, parallel_state.get_context_parallel_rank(), device)
     positions = mine[None].expand(args.micro_batch_size, -1)
     model.train()
+    step = forward_backward_func(args, model, positions, micro_batches)
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     for iteration in range(start + 1, args.train_iters + 1):
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        step_loss = torch.zeros((), device=device)
+        batches = []
         for micro in range(micro_batches):
             first = (iteration - 1) * args.global_batch_size + (micro * dp_size + dp_rank) * args.micro_batch_size
-            tokens, labels = (x.to(device)[:, mine] for x in data.batch(list(range(first, first + args.micro_batch_size))))
-            loss = model(tokens, positions, None, labels=labels).float().mean() / micro_batches
-            loss.backward()
-            step_loss += loss.detach()
+            batches.append([x.to(device)[:, mine] for x in data.batch(list(range(first, first + args.micro_batch_size)))])
+        step_loss = step(iter(batches))
         finalize_model_grads([model])
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
+        dist.all_reduce(step_loss, group=parallel_state.get_pipeline_model_parallel_group())  # from the last stage
         dist.all_reduce(step_loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         window_loss += float(step_loss) / (dp_size * args.context_parallel_size)
         window_steps += 1

@@ -51,10 +51,11 @@ class CpuAdamW:
         for p in self.params:
             p.grad = p.main_grad
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        # Sharded parameters count on every TP rank, replicated ones once.
+        # Sharded parameters count on every TP rank, replicated ones once; the last pipeline
+        # stage's copy of tied embeddings (``shared``) not at all.
         local = sum(
             float(p.grad.float().pow(2).sum()) for p in self.params
-            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0
+            if (getattr(p, "tensor_model_parallel", False) or tp_rank == 0) and not getattr(p, "shared", False)
         )
         total = torch.tensor([local], dtype=torch.float64)
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())

@@ -22,9 +22,14 @@ def init_distributed(args) -> str:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if world % (tp * cp) != 0:
-        fail(f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} = {tp * cp} does not divide the world size {world}")
+    tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
+    if world % (tp * cp * pp) != 0:
+        fail(
+            f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} x --pipeline-model-parallel-size {pp} "
+            f"= {tp * cp * pp} does not divide the world size {world}"
+        )
+    if args.num_layers % pp:
+        fail(f"--num-layers {args.num_layers} does not split into --pipeline-model-parallel-size {pp} equal stages")
     if cp > 1:
         try:
             check_cp_split(args.seq_length, cp, args.moba_chunk_size)
@@ -40,7 +45,9 @@ def init_distributed(args) -> str:
     else:
         enable_cpu_shims()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp
+    )
     torch.manual_seed(args.seed)
     if device == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -77,6 +84,8 @@ def transformer_config(args) -> MoBATransformerConfig:
             hidden_dropout=args.hidden_dropout,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
@@ -101,6 +110,7 @@ def _fused_norms() -> bool:
 
 
 def build_model(args, config, device: str):
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     spec = get_gpt_layer_with_moba_spec(use_te=None if device == "cuda" else False, normalization=args.normalization)
@@ -115,6 +125,8 @@ def build_model(args, config, device: str):
         position_embedding_type="rope",
         rotary_base=args.rotary_base,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     model = model.to(device)
     if config.bf16:  # megatron's mixed precision: bf16 weights, fp32 logits for the loss

@@ -62,6 +62,19 @@ def test_resume_is_exact_and_reshards(tmp_path):
             assert abs(float(resharded[it]) - float(straight[it])) < 1e-4 * float(straight[it]), (layout, it, resharded, straight)
 
 
+def test_pipeline_parallel_run_matches_single_rank(tmp_path):
+    # PP=2 puts one layer on each rank (megatron-core's 1F1B schedule over 2 micro batches, the
+    # tied embedding kept in sync between the first and last stage). Stages draw their initial
+    # weights from other random streams, so both runs start from one saved step.
+    args = [*SMALL, "--train-iters", "4", "--global-batch-size", "4", "--micro-batch-size", "2"]
+    pretrain(*args, "--save", str(tmp_path), "--exit-interval", "1", nproc=1)
+    single = losses(pretrain(*args, "--load", str(tmp_path), nproc=1))
+    split = losses(pretrain(*args, "--load", str(tmp_path), "--pipeline-model-parallel-size", "2"))
+    assert sorted(split) == [2, 3, 4]
+    for it in (2, 3, 4):
+        assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (it, split, single)
+
+
 def test_context_parallel_run_matches_single_rank():
     # CP=2 splits every sequence over the two ranks; the losses are those of one rank holding all.
     # Full-attention layer included (it runs as MoBA with every block selected under CP).
@@ -78,7 +91,10 @@ def test_context_parallel_run_matches_single_rank():
     "args,message",
     [
         (["--config", "configs/tiny-cpu.yaml", "--train-iters", "1", "--tensor-model-parallel-size", "4"],
-         "--tensor-model-parallel-size 4 x --context-parallel-size 1 = 4 does not divide the world size 2"),
+         "--tensor-model-parallel-size 4 x --context-parallel-size 1 x --pipeline-model-parallel-size 1 = 4 "
+         "does not divide the world size 2"),
+        (["--config", "configs/tiny-cpu.yaml", "--pipeline-model-parallel-size", "2", "--num-layers", "3"],
+         "--num-layers 3 does not split into --pipeline-model-parallel-size 2 equal stages"),
         (["--config", "configs/tiny-cpu.yaml", "--context-parallel-size", "2", "--seq-length", "384"],
          "--seq-length 384 does not split into MoBA blocks at --context-parallel-size 2"),
         (["--config", "configs/tiny-cpu.yaml", "--load", "/nonexistent/ckpt"], "no latest_checkpointed_iteration.txt there"),
