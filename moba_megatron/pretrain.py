@@ -52,7 +52,7 @@ def main(argv=None) -> None:
             f"| {sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size / 1e6:.2f}M parameters "
             f"| seq {args.seq_length}, MoBA block {args.moba_chunk_size} top-k {args.moba_topk}"
         )
-        start = checkpoint.load(args.load, model, optimizer, scheduler, log) if args.load else 0
+        start = checkpoint.load(args.load, model, optimizer, scheduler) if args.load else 0
         if start:
             log(f"resumed from iteration {start} of {args.load}")
         train(args, model, optimizer, scheduler, data, start, micro_batches, device, log)

@@ -111,7 +111,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
                 work = len(keys)
             else:
                 k_store, v_store = _block_store(k, chunk), _block_store(v, chunk)
-                rounds = _routed_rounds(len(rows.cell), group)
+                rounds = _routed_rounds(len(rows.cell), group, q.device)
                 ctx.routed, work = [], 0
                 for r0, r1 in rounds:
                     part = slice(r0, r1)
@@ -211,12 +211,10 @@ class MoBAContextParallelFunction(torch.autograd.Function):
 _ROUND_ROWS = 1 << 24  # routed rows per exchange round: bounds the rows in flight (~4 GiB at D=128, bf16)
 
 
-def _routed_rounds(num_rows: int, group) -> list[tuple[int, int]]:
+def _routed_rounds(num_rows: int, group, device) -> list[tuple[int, int]]:
     """Cut this rank's rows into rounds; every rank runs as many rounds as the busiest one (the
     exchange is collective), with empty rounds where it has run out."""
-    most = torch.tensor([num_rows], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        most = most.cuda()
+    most = torch.tensor([num_rows], dtype=torch.int64, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
     count = max(1, -(-int(most) // _ROUND_ROWS))
     step = -(-num_rows // count) if num_rows else 0

@@ -17,9 +17,8 @@ def gather_block_sums(local_sums: torch.Tensor, shard: ShardBlocks, group=None) 
     """``[local blocks, Hkv, D]`` on each rank -> ``[all blocks, Hkv, D]`` in global block order.
 
     Tiny (blocks x Hkv x D fp32); one all-gather."""
-    cp = shard.cp_size
-    gathered = torch.empty((cp * local_sums.shape[0], *local_sums.shape[1:]), dtype=local_sums.dtype, device=local_sums.device)
-    dist.all_gather_into_tensor(gathered, local_sums.contiguous(), group=group)
+    gathered, _ = all_gather(local_sums, shard.cp_size, group)
+    gathered = gathered.view(-1, *local_sums.shape[1:])  # rank-major: every rank's blocks in turn
     total = torch.empty_like(gathered)
     total[shard.all_block_ids] = gathered
     return total

@@ -28,16 +28,15 @@ def _rank_file(path: Path) -> Path:
 
 
 def _sharded(model, optimizer, loading: bool) -> dict:
+    """Model and optimizer state, the optimizer's keyed by the model's sharded parameters so it
+    reshards like them."""
     model_state = model.module.sharded_state_dict()
-    state = {"model": model_state}
-    if hasattr(optimizer, "sharded_state_dict"):  # resharded like the model
-        if loading:
-            _ensure_optimizer_state(optimizer)
-        # The distributed optimizer's one format that reshards over TP as well as DP (its default,
-        # fully_sharded_model_space, is refused by dist_checkpointing 0.19).
-        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)
-    return state
+    if loading:
+        _ensure_optimizer_state(optimizer)
+    # The distributed optimizer's one format that reshards over TP as well as DP (its default,
+    # fully_sharded_model_space, is refused by dist_checkpointing 0.19); other optimizers ignore it.
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)}
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -49,13 +48,6 @@ def _ensure_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-def _per_rank(optimizer) -> dict:
-    state = {"rng": torch.get_rng_state()}
-    if not hasattr(optimizer, "sharded_state_dict"):
-        state["optimizer"] = optimizer.state_dict()
-    return state
-
-
 def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing
 
@@ -65,7 +57,7 @@ def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded(model, optimizer, loading=False), str(path))
-    torch.save(_per_rank(optimizer), _rank_file(path))
+    torch.save({"rng": torch.get_rng_state()}, _rank_file(path))
     if dist.get_rank() == 0:
         torch.save({"iteration": iteration, "scheduler": scheduler.state_dict()}, path / "train_state.pt")
     dist.barrier()
@@ -76,7 +68,7 @@ def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     dist.barrier()
 
 
-def load(directory: str, model, optimizer, scheduler, log) -> int:
+def load(directory: str, model, optimizer, scheduler) -> int:
     """Restore the latest checkpoint under ``directory``; returns its iteration."""
     from megatron.core import dist_checkpointing
 
@@ -87,16 +79,10 @@ def load(directory: str, model, optimizer, scheduler, log) -> int:
     path = root / f"iter_{iteration:07d}"
     state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
     model.module.load_state_dict(state["model"])
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])
     rank_file = _rank_file(path)
-    if rank_file.is_file():
-        saved = torch.load(rank_file, weights_only=False)
-        if "optimizer" in saved:
-            optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-    elif "optimizer" not in state:
-        log(f"checkpoint {path} was saved with another layout: model weights resharded, optimizer state restarted")
+    if rank_file.is_file():  # same layout: this rank's random stream continues exactly
+        torch.set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
     train_state = torch.load(path / "train_state.pt", weights_only=False)
     scheduler.load_state_dict(train_state["scheduler"])
     return train_state["iteration"]

@@ -66,9 +66,6 @@ class CpuAdamW:
         self.optimizer.step()
         return True, grad_norm, None
 
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
     def sharded_state_dict(self, model_state: dict, is_loading: bool = False, metadata=None) -> dict:
         """The Adam moments as sharded tensors keyed like the model's parameters (so a checkpoint
         reshards over TP like the weights), and the step count, shared by every parameter."""
@@ -92,11 +89,11 @@ class CpuAdamW:
         return state
 
     def load_state_dict(self, state):
-        if "common_step" in state:  # the sharded form
-            state = dict(state)
-            step = state.pop("common_step")
-            for s in state["state"].values():
-                s["step"] = torch.tensor(step)
+        """Takes what ``sharded_state_dict`` gave, as dist_checkpointing loaded it."""
+        state = dict(state)
+        step = state.pop("common_step")
+        for s in state["state"].values():
+            s["step"] = torch.tensor(step)
         self.optimizer.load_state_dict(state)
 
 

@@ -71,6 +71,7 @@ def transformer_config(args) -> MoBATransformerConfig:
     ffn = args.ffn_hidden_size
     if ffn is None:
         ffn = max(64, int(8 * args.hidden_size / 3) // 64 * 64) if args.swiglu else 4 * args.hidden_size
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # weights, and activations between stages
     try:
         return MoBATransformerConfig(
             num_layers=args.num_layers,
@@ -85,10 +86,10 @@ def transformer_config(args) -> MoBATransformerConfig:
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            pipeline_dtype=dtype,
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
-            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            params_dtype=dtype,
             use_cpu_initialization=not torch.cuda.is_available(),
             moba_chunk_size=args.moba_chunk_size,
             moba_topk=args.moba_topk,

@@ -17,6 +17,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_rank(rank: int, fn, world: int, port: int, kwargs: dict) -> None:
+    fn(rank, world, port, **kwargs)
+
+
+def spawn_ranks(fn, world: int, **kwargs) -> None:
+    """Run ``fn(rank, world, port, **kwargs)`` in ``world`` processes, one per rank; ``fn`` must be
+    a module-level function (it is pickled into the children)."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_run_rank, args=(fn, world, free_port(), kwargs), nprocs=world, join=True)
+
+
 def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 1, device: str = "cpu") -> None:
     from megatron.core import parallel_state
 

@@ -76,18 +76,11 @@ def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu
     destroy_parallel()
 
 
-def _spawned(rank, world, port, kwargs):
-    step(rank, world, port, **kwargs)
-
-
 def spawn(world: int, **kwargs) -> None:
     """Run ``step`` on ``world`` CPU processes (gloo)."""
-    import torch.multiprocessing as mp
+    from .harness import spawn_ranks
 
-    from .harness import free_port
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_spawned, args=(world, free_port(), kwargs), nprocs=world, join=True)
+    spawn_ranks(step, world, **kwargs)
 
 
 def main() -> None:

@@ -121,17 +121,10 @@ def run(rank: int, world: int, port: int, cp: int, tp: int, out: str, device: st
     destroy_parallel()
 
 
-def _spawned(rank, world, port, kwargs):
-    run(rank, world, port, **kwargs)
-
-
 def spawn(world: int, **kwargs) -> None:
-    import torch.multiprocessing as mp
+    from tests.megatron.harness import spawn_ranks
 
-    from tests.megatron.harness import free_port
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_spawned, args=(world, free_port(), kwargs), nprocs=world, join=True)
+    spawn_ranks(run, world, **kwargs)
 
 
 def main() -> None:
@@ -189,8 +182,6 @@ def bad_inputs(rank: int, world: int, port: int, out: str) -> None:
 
 
 def spawn_bad_inputs(world: int, out: str) -> None:
-    import torch.multiprocessing as mp
+    from tests.megatron.harness import spawn_ranks
 
-    from tests.megatron.harness import free_port
-
-    mp.spawn(bad_inputs, args=(world, free_port(), out), nprocs=world, join=True)
+    spawn_ranks(bad_inputs, world, out=out)

@@ -5,12 +5,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moba_megatron.ops.moba.gating import block_key_sums
 from moba_megatron.ops.moba.layout import block_layout
 from moba_megatron.parallel import gather_block_sums, local_positions, shard_blocks
-from tests.megatron.harness import free_port
+from tests.megatron.harness import spawn_ranks
 
 SEQ, CHUNK, HKV, D = 96, 4, 2, 8
 
@@ -31,5 +30,5 @@ def _rank(rank, world, port, out):
 @pytest.mark.parametrize("world", [2, 4])
 def test_gathered_block_sums_equal_single_device(tmp_path, world):
     # local chunks hold whole blocks, so the local layout's blocks are exactly the rank's blocks
-    mp.spawn(_rank, args=(world, free_port(), str(tmp_path / "ok")), nprocs=world, join=True)
+    spawn_ranks(_rank, world, out=str(tmp_path / "ok"))
     assert all(torch.load(tmp_path / f"ok.{r}") for r in range(world))
