@@ -93,7 +93,7 @@ def measure(forward, inputs, dout, reps):
     return t_fwd, t_all, peak
 
 
-def run_case(case: Case, d: int, reps: int, profile: bool):
+def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None = None):
     torch.manual_seed(0)
     t = case.seqlen
     q = torch.randn(t, case.hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -104,7 +104,7 @@ def run_case(case: Case, d: int, reps: int, profile: bool):
     rows = []
 
     def moba(q, k, v):
-        return moba_attn_varlen(q, k, v, cu, t, case.chunk, case.topk)
+        return moba_attn_varlen(q, k, v, cu, t, case.chunk, case.topk, backend=backend)
 
     try:
         t_fwd, t_all, peak = measure(moba, (q, k, v), dout, reps)
@@ -115,10 +115,10 @@ def run_case(case: Case, d: int, reps: int, profile: bool):
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
 
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             moba(q, k, v).backward(dout)
             torch.cuda.synchronize()
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
     if case.dense:
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
             if case.hq != case.hkv:
@@ -143,15 +143,17 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of MoBA fwd+bwd")
+    parser.add_argument("--backend", default=None, help="MoBA backend (default: the best available)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     cases = [c for c in CASES if not args.case or c.name in args.case]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, D={args.head_dim}")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, D={args.head_dim}, "
+          f"MoBA backend {args.backend or 'default'}")
     header = f"{'case':<22}{'method':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GB':>9}{'fwd TF/s':>10}{'f+b TF/s':>10}"
     print(header)
     results = []
     for case in cases:
-        for name, t_fwd, t_all, peak, flops in run_case(case, args.head_dim, args.reps, args.profile):
+        for name, t_fwd, t_all, peak, flops in run_case(case, args.head_dim, args.reps, args.profile, args.backend):
             if t_fwd is None:
                 print(f"{case.name:<22}{name:<8}{'out of memory':>30}")
                 results.append(dict(case=case.name, method=name, oom=True))

@@ -48,6 +48,36 @@ def _ensure_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
+def _skip_torch_adam_step(optimizer) -> None:
+    """megatron-core 0.19's distributed optimizer, loading its reshardable parameter state into
+    torch's Adam (no TE/apex), looks for each parameter's "step" tensor among the loaded tensors,
+    which never hold it (the step comes back through the param groups), and fails with
+    ``KeyError: 'step'``. A non-tensor "step" entry is what that loop already skips."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        set_states = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if set_states is None or getattr(set_states, "skips_step", False):
+            continue
+
+        def set_states_without_step(model_param, tensors, _set_states=set_states):
+            _set_states(model_param, {"step": None, **tensors})
+
+        set_states_without_step.skips_step = True
+        inner._set_main_param_and_optimizer_states = set_states_without_step
+
+
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """The same load (torch's Adam under megatron-core's distributed optimizer) puts *one* step
+    tensor into every parameter's state; torch's foreach Adam then adds 1 to it once per parameter
+    and step, and the bias corrections of the resumed run go wrong. Each parameter gets its own."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, torch.optim.Optimizer):
+            continue
+        for param_state in torch_optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
 def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing
 
@@ -79,7 +109,9 @@ def load(directory: str, model, optimizer, scheduler) -> int:
     path = root / f"iter_{iteration:07d}"
     state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
     model.module.load_state_dict(state["model"])
+    _skip_torch_adam_step(optimizer)
     optimizer.load_state_dict(state["optimizer"])
+    _unshare_torch_adam_steps(optimizer)
     rank_file = _rank_file(path)
     if rank_file.is_file():  # same layout: this rank's random stream continues exactly
         torch.set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
