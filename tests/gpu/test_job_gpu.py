@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.training.test_pretrain import SMALL, losses, pretrain
+from tests.training.test_pretrain import SMALL, check_pipeline_matches_single_rank, losses, pretrain
 
 pytestmark = [
     pytest.mark.gpu,
@@ -49,13 +49,7 @@ def test_tensor_and_sequence_parallel_trains():
 
 
 def test_pipeline_parallel_matches_single_gpu(tmp_path):
-    args = [*GPU, "--train-iters", "4", "--global-batch-size", "4", "--micro-batch-size", "2"]
-    pretrain(*args, "--save", str(tmp_path), "--exit-interval", "1", nproc=1)
-    single = losses(pretrain(*args, "--load", str(tmp_path), nproc=1))
-    split = losses(pretrain(*args, "--load", str(tmp_path), "--pipeline-model-parallel-size", "2"))
-    assert sorted(split) == [2, 3, 4]
-    for it in (2, 3, 4):
-        assert close(split[it], single[it], BF16_RTOL), (it, split, single)
+    check_pipeline_matches_single_rank(tmp_path, GPU, rtol=BF16_RTOL)
 
 
 def test_context_parallel_modes_agree():

@@ -2,7 +2,8 @@
 
 Forward: (1) every query attends its own block causally, one varlen call over all blocks;
 (2) the gate picks ``topk - 1`` earlier blocks per (query, head); (3) routed calls attend the
-selected blocks non-causally (see routing.py); (4) the partial outputs are merged by log-sum-exp.
+selected blocks non-causally (see routing.py; on CUDA backends, the fused Triton kernels of
+fused_routes.py); (4) the partial outputs are merged by log-sum-exp.
 Backward: each part's kernel backward runs against the *merged* output and LSE, which gives the
 exact gradient of the single softmax over the union of selected keys.
 
@@ -83,13 +84,21 @@ def merge_partials(out, lse, grid_out, grid_lse):
     return merged, merged_lse.t()
 
 
-def _piece_rows(grp: HeadGroup, rows: _GroupRows, piece: Piece):
+def _piece_rows(grp: HeadGroup, grid_size: int, piece: Piece):
     """Sorted-row index of each kernel row, and its grid position (padding -> the spare row)."""
     slots, valid = piece.slots()
     pos = grp.order[slots]
     if valid is not None:
-        pos = torch.where(valid, pos, rows.grid_size)
+        pos = torch.where(valid, pos, grid_size)
     return slots, valid, pos
+
+
+def _fused_routes_supported(q: torch.Tensor, chunk: int) -> bool:
+    try:
+        from .fused_routes import supports
+    except ImportError:  # no triton: the tiles path serves every input
+        return False
+    return supports(q, chunk)
 
 
 class MoBAFunction(torch.autograd.Function):
@@ -108,7 +117,18 @@ class MoBAFunction(torch.autograd.Function):
         if slots > 0:
             groups = plan_routes(sel, counts, layout, hkv, d, backend.tile_width)
             del sel
-        if groups:
+        fused = bool(groups) and backend.triton_routes and _fused_routes_supported(q, layout.chunk)
+        if fused:
+            from . import fused_routes
+
+            for grp in groups:
+                grid_out, grid_lse = fused_routes.routed_forward(
+                    q, k, v, grp.order, grp.run_counts, grp.h0, grp.h1 - grp.h0, layout.block_starts_dev,
+                    layout.chunk, slots, scale,
+                )
+                fused_routes.merge_into(out, lse, grp.h0, grp.h1 - grp.h0, grid_out, grid_lse, slots)
+                del grid_out, grid_lse
+        elif groups:
             q_flat = q.view(-1, d)
             kb, vb = _block_major(k, layout), _block_major(v, layout)
             for grp in groups:
@@ -116,7 +136,7 @@ class MoBAFunction(torch.autograd.Function):
                 grid_out = q.new_zeros(rows.grid_size + 1, d)
                 grid_lse = torch.full((rows.grid_size + 1,), float("-inf"), device=q.device)
                 for piece in grp.pieces:
-                    slot_rows, _, pos = _piece_rows(grp, rows, piece)
+                    slot_rows, _, pos = _piece_rows(grp, rows.grid_size, piece)
                     o_r, l_r = backend.tiles_forward(
                         q_flat[rows.token_major[slot_rows]], kb[piece.tile_block], vb[piece.tile_block],
                         piece.tile_rows, piece.width, piece.max_rows, scale,
@@ -128,7 +148,7 @@ class MoBAFunction(torch.autograd.Function):
                 out[:, heads], lse[heads] = merge_partials(out[:, heads], lse[heads], grid_out, grid_lse)
                 del grid_out, grid_lse
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.groups, ctx.slots = layout, groups, slots
+        ctx.layout, ctx.groups, ctx.slots, ctx.fused = layout, groups, slots, fused
         ctx.scale, ctx.backend = scale, backend
         return out
 
@@ -149,6 +169,9 @@ class MoBAFunction(torch.autograd.Function):
             return dq, dk, dv, None, None, None, None
         q_flat, dout_flat, out_flat = q.view(-1, d), dout.view(-1, d), out.view(-1, d)
         lse_flat = lse.view(-1)
+        fused = ctx.fused
+        if fused:
+            from . import fused_routes
         kb, vb = _block_major(k, layout), _block_major(v, layout)
         dkv = None  # fp32 block-major gradients of the kv heads of the current head group(s)
         for grp in groups:
@@ -156,23 +179,31 @@ class MoBAFunction(torch.autograd.Function):
             kv0, kv1 = grp.h0 // group, -(-grp.h1 // group)
             if dkv is None:
                 dkv = torch.zeros(2, (kv1 - kv0) * nb, layout.chunk, d, dtype=torch.float32, device=q.device)
-            rows = _GroupRows(grp, t, hq, slots)
-            grid_dq = dq.new_zeros(rows.grid_size + 1, d)
+            rows = None if fused else _GroupRows(grp, t, hq, slots)
+            grid_size = t * nh * slots
+            grid_dq = dq.new_zeros(grid_size + 1, d)
             for piece in grp.pieces:
-                slot_rows, valid, pos = _piece_rows(grp, rows, piece)
-                tm = rows.token_major[slot_rows]
-                dout_rows = dout_flat[tm]
-                if valid is not None:  # padding must carry no gradient into dK/dV
-                    dout_rows = torch.where(valid[:, None], dout_rows, 0)
+                slot_rows, valid, pos = _piece_rows(grp, grid_size, piece)
+                if fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
+                    dout_rows, q_rows, out_rows, lse_rows = fused_routes.gather_rows(
+                        dout, q, out, lse, grp.order, slot_rows, valid, grp.h0, nh, slots
+                    )
+                else:
+                    tm = rows.token_major[slot_rows]
+                    dout_rows, q_rows, out_rows = dout_flat[tm], q_flat[tm], out_flat[tm]
+                    if valid is not None:
+                        dout_rows = torch.where(valid[:, None], dout_rows, 0)
+                    lse_rows = lse_flat[rows.head_major[slot_rows]]
+                    del tm
                 dq_r, dk_r, dv_r = backend.tiles_backward(
-                    dout_rows, q_flat[tm], kb[piece.tile_block], vb[piece.tile_block], out_flat[tm],
-                    lse_flat[rows.head_major[slot_rows]], piece.tile_rows, piece.width, piece.max_rows, scale,
+                    dout_rows, q_rows, kb[piece.tile_block], vb[piece.tile_block], out_rows, lse_rows,
+                    piece.tile_rows, piece.width, piece.max_rows, scale,
                 )
                 put_rows(grid_dq, pos, dq_r)
                 local = piece.tile_block - kv0 * nb
                 dkv[0].index_add_(0, local, dk_r.float())
                 dkv[1].index_add_(0, local, dv_r.float())
-                del dq_r, dk_r, dv_r, dout_rows, tm
+                del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows
             per_slot = grid_dq[:-1].view(t, nh, slots, d)
             dq[:, grp.h0 : grp.h1] = dq[:, grp.h0 : grp.h1].float() + per_slot.sum(2, dtype=torch.float32)
             del grid_dq, per_slot

@@ -46,6 +46,21 @@ def _sortable(scores: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int64) << 32) | (0x7FFFFFFF - block_ids)
 
 
+def _top(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys.topk(n, dim=-1)`` (unsorted). For the few selections of small top-k, n passes of max
+    are ~3x faster on GPUs than topk's radix select; keys (a temporary) are overwritten."""
+    if n > 4:
+        return keys.topk(n, dim=-1, sorted=False)
+    best, where = [], []
+    for i in range(n):
+        b, w = keys.max(dim=-1, keepdim=True)
+        best.append(b)
+        where.append(w)
+        if i + 1 < n:
+            keys.scatter_(-1, w, _INVALID)
+    return torch.cat(best, -1), torch.cat(where, -1)
+
+
 def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selected: int) -> torch.Tensor:
     """The ``num_selected`` best earlier blocks of every (query, head).
 
@@ -76,7 +91,7 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
         valid = (ids >= first) & (ids < own)
         keys = torch.where(valid[:, None, :], _sortable(scores, ids), _INVALID)
         n = min(num_selected, hi - lo)
-        best, where = keys.topk(n, dim=-1, sorted=False)
+        best, where = _top(keys, n)
         chosen = torch.where(best != _INVALID, where + lo, _NO_BLOCK).sort(dim=-1).values
         sel[t0:t1, :, :n] = torch.where(chosen == _NO_BLOCK, -1, chosen).to(torch.int32)
     return sel

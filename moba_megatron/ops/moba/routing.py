@@ -20,7 +20,7 @@ import torch
 from .layout import BlockLayout
 
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
-STATE_BUDGET_ELEMENTS = 1 << 27  # per-slot partial results ([T, heads, slots, D]) per head group
+STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
 _REMAINDER_FILL = 0.75  # a remainder tile starts a new piece below this fraction of its width...
 _MIN_WIDTH = 512  # ...unless the piece is this narrow already (few launches beat less padding)
 
@@ -61,6 +61,7 @@ class HeadGroup:
     h1: int
     order: torch.Tensor  # [rows] int64, flat index into [T, h1 - h0, slots] of each row, sorted
     pieces: list[Piece]
+    run_counts: torch.Tensor  # [(h1 - h0) * blocks] on the device: rows per (head, block), in order
 
 
 class SelectionCounts:
@@ -76,6 +77,7 @@ class SelectionCounts:
         heads = torch.arange(hq, device=sel.device).view(1, hq, 1)
         keys = (heads * num_blocks + sel.long())[valid]
         counts = torch.bincount(keys, minlength=hq * num_blocks).view(hq, num_blocks)
+        self.on_device = counts  # [Hq, blocks]
         self.event = None
         if counts.is_cuda:
             self.host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
@@ -115,7 +117,7 @@ def plan_routes(
     t, hq, slots = sel.shape
     group = hq // num_kv_heads
     nb = layout.num_blocks
-    counts = counts.wait()
+    device_counts, counts = counts.on_device, counts.wait()
     device = sel.device
     groups = []
     for h0, h1 in head_groups(hq, group, t * slots * head_dim):
@@ -128,7 +130,7 @@ def plan_routes(
         order = torch.sort(keys, stable=True).indices[:rows]
         runs = ((counts[h][j], (h // group) * nb + j) for h in range(h0, h1) for j in range(nb))
         pieces = pack_tiles(runs, tile_width, layout.chunk, head_dim, device)
-        groups.append(HeadGroup(h0, h1, order, pieces))
+        groups.append(HeadGroup(h0, h1, order, pieces, device_counts[h0:h1].flatten()))
     return groups
 
 

@@ -20,6 +20,9 @@ import torch
 class VarlenBackend(Protocol):
     name: str
     tile_width: int | None  # see VarlenTiles / PaddedTiles below: how MoBA's routed calls are shaped
+    # MoBA's routed calls may use the Triton kernels of ops/moba/fused_routes.py (the whole forward,
+    # the backward's row gathers): set by the CUDA backends, whose inputs those kernels take.
+    triton_routes: bool
 
     def is_available(self) -> bool:
         """Whether the kernels can be loaded in this process at all."""
@@ -73,6 +76,7 @@ class VarlenTiles:
     """
 
     tile_width: int | None = None  # padded rows per tile; None: one unpadded tile per (head, block)
+    triton_routes: bool = False
 
     @staticmethod
     def _cu(tile_rows: torch.Tensor, k_tiles: torch.Tensor):
@@ -109,6 +113,7 @@ class PaddedTiles:
     """
 
     tile_width: int | None = 16384
+    triton_routes: bool = False
 
     def tiles_forward(self, q_rows, k_tiles, v_tiles, tile_rows, width, max_rows, scale):
         nt, chunk, d = k_tiles.shape

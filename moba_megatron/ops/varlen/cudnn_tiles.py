@@ -47,6 +47,7 @@ class CudnnBackend(PaddedTiles, TorchFlashBackend):
     (one dense batched causal call), else on PyTorch's FA2 varlen kernels."""
 
     name = "cudnn"
+    triton_routes = True  # PaddedTiles comes first in the MRO and says False
 
     def is_available(self) -> bool:
         return (

@@ -12,6 +12,7 @@ from .base import VarlenTiles, check_flash_inputs
 
 class TorchFlashBackend(VarlenTiles):
     name = "torch_flash"
+    triton_routes = True
 
     def is_available(self) -> bool:
         return torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")

@@ -1,0 +1,75 @@
+"""MoBA with the fused Triton routed forward (ops/moba/fused_routes.py) against the dense reference:
+outputs and q/k/v gradients. Without a GPU, Triton's interpreter runs the same kernels on CPU (fp32
+and fp16: the interpreter has no bf16); GPU runs also go through tests/gpu (bf16, both CUDA backends)."""
+
+import os
+
+import pytest
+import torch
+
+from moba_megatron.ops.moba import moba_attn_varlen_reference
+from moba_megatron.ops.moba.function import MoBAFunction
+from moba_megatron.ops.moba.layout import block_layout
+from moba_megatron.ops.varlen.torch_ref import TorchBackend
+from tests.helpers import assert_close, make_qkv, run_with_grads
+from tests.ops.test_padded_tiles import PaddedTorch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets Triton's interpreter mode on CPU"
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FusedOnTorch(TorchBackend):
+    """Own blocks and the kernel backward in plain PyTorch; the routed forward and the backward's
+    row gathers in the Triton kernels (unpadded varlen tiles)."""
+
+    triton_routes = True
+
+
+class FusedOnPaddedTorch(PaddedTorch):
+    """The same with padded tiles (the cuDNN path's shape): gathers zero the padding rows' dO."""
+
+    triton_routes = True
+
+
+def check(lens, chunk, topk, hq, hkv, d, dtype, seed=0, backend=None):
+    q, k, v, cu = make_qkv(lens, hq, hkv, d, seed=seed, dtype=dtype, device=DEVICE)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=DEVICE, dtype=dtype)
+    layout = block_layout(tuple(cu.tolist()), chunk, q.device)
+    out, grads = run_with_grads(
+        lambda a, b, c: MoBAFunction.apply(a, b, c, layout, topk, d**-0.5, backend or FusedOnTorch()), q, k, v, dout
+    )
+    ref, ref_grads = run_with_grads(
+        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk), q.float(), k.float(), v.float(), dout.float()
+    )
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    assert_close(out, ref, what="out", **tol)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, what=f"d{name}", **tol)
+
+
+@pytest.mark.parametrize(
+    "lens,chunk,topk,hq,hkv,d",
+    [
+        ([256], 32, 3, 2, 2, 16),  # several routed rows per block
+        ([200, 1, 90], 32, 2, 4, 2, 32),  # partial last blocks, length 1, GQA 2, one routed slot
+        ([160], 16, 9, 4, 1, 16),  # GQA 4, top-k beyond the blocks (dense causal)
+        ([130, 0, 70], 48, 4, 2, 1, 32),  # an empty sequence, a chunk the key step (16) divides
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_routes_match_reference(lens, chunk, topk, hq, hkv, d, dtype, padded):
+    if DEVICE == "cuda" and dtype == torch.float32:
+        pytest.skip("on GPUs the kernels' dots run in tf32; fp32 is checked by the interpreter")
+    check(lens, chunk, topk, hq, hkv, d, dtype, backend=FusedOnPaddedTorch(64) if padded else None)
+
+
+def test_head_groups(monkeypatch):
+    # A state budget of one head per group: every group fills and merges its own heads only.
+    from moba_megatron.ops.moba import routing
+
+    monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
+    check([192, 64], 32, 3, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
