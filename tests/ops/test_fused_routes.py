@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moba_megatron.ops.moba import moba_attn_varlen_reference
 from moba_megatron.ops.moba.function import MoBAFunction
@@ -73,3 +75,18 @@ def test_head_groups(monkeypatch):
 
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
     check([192, 64], 32, 3, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lens=st.lists(st.integers(0, 120), min_size=1, max_size=3),
+    chunk=st.sampled_from([16, 32, 48]),
+    topk=st.integers(2, 6),
+    group=st.sampled_from([1, 2, 4]),
+    d=st.sampled_from([16, 32]),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_fused_routes(lens, chunk, topk, group, d, padded, seed):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    check(lens, chunk, topk, 2 * group, 2, d, dtype, seed=seed, backend=FusedOnPaddedTorch(32) if padded else None)
