@@ -9,11 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moba_megatron.ops.moba import moba_attn_varlen_reference
 from moba_megatron.ops.moba.function import MoBAFunction
 from moba_megatron.ops.moba.layout import block_layout
 from moba_megatron.ops.varlen.torch_ref import TorchBackend
-from tests.helpers import assert_close, make_qkv, run_with_grads
+from tests.ops.test_moba_op import check_against_reference
 from tests.ops.test_padded_tiles import PaddedTorch
 
 pytest.importorskip("triton")
@@ -37,19 +36,13 @@ class FusedOnPaddedTorch(PaddedTorch):
 
 
 def check(lens, chunk, topk, hq, hkv, d, dtype, seed=0, backend=None):
-    q, k, v, cu = make_qkv(lens, hq, hkv, d, seed=seed, dtype=dtype, device=DEVICE)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=DEVICE, dtype=dtype)
-    layout = block_layout(tuple(cu.tolist()), chunk, q.device)
-    out, grads = run_with_grads(
-        lambda a, b, c: MoBAFunction.apply(a, b, c, layout, topk, d**-0.5, backend or FusedOnTorch()), q, k, v, dout
-    )
-    ref, ref_grads = run_with_grads(
-        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk), q.float(), k.float(), v.float(), dout.float()
-    )
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    assert_close(out, ref, what="out", **tol)
-    for name, g, rg in zip("qkv", grads, ref_grads):
-        assert_close(g, rg, what=f"d{name}", **tol)
+    backend = backend or FusedOnTorch()
+
+    def fused(q, k, v, cu):
+        layout = block_layout(tuple(cu.tolist()), chunk, q.device)
+        return MoBAFunction.apply(q, k, v, layout, topk, d**-0.5, backend)
+
+    check_against_reference(lens, chunk, topk, hq, hkv, d, seed=seed, dtype=dtype, device=DEVICE, attn=fused)
 
 
 @pytest.mark.parametrize(

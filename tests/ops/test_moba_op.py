@@ -11,13 +11,17 @@ from moba_megatron.ops.moba import gating, routing
 from tests.helpers import assert_close, cu_seqlens_of, make_qkv, run_with_grads
 
 
-def check_against_reference(lens, chunk, topk, hq, hkv, d, *, seed=0, dtype=torch.float32, backend="torch"):
-    q, k, v, cu = make_qkv(lens, hq, hkv, d, seed=seed, dtype=dtype)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+def check_against_reference(lens, chunk, topk, hq, hkv, d, *, seed=0, dtype=torch.float32, backend="torch",
+                            device="cpu", attn=None):
+    """``attn(q, k, v, cu_seqlens)`` (default: ``moba_attn_varlen`` on ``backend``) against the dense
+    reference: output and q/k/v gradients."""
+    q, k, v, cu = make_qkv(lens, hq, hkv, d, seed=seed, dtype=dtype, device=device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
     max_len = max(lens, default=0)
-    out, grads = run_with_grads(
-        lambda a, b, c: moba_attn_varlen(a, b, c, cu, max_len, chunk, topk, backend=backend), q, k, v, dout
-    )
+    if attn is None:
+        def attn(a, b, c, cu):
+            return moba_attn_varlen(a, b, c, cu, max_len, chunk, topk, backend=backend)
+    out, grads = run_with_grads(lambda a, b, c: attn(a, b, c, cu), q, k, v, dout)
     # The reference runs in fp32 on the same (rounded) inputs.
     ref, ref_grads = run_with_grads(
         lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk), q.float(), k.float(), v.float(), dout.float()
