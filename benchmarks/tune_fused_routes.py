@@ -15,7 +15,7 @@ from bench_op import timed  # this folder is on sys.path when the script runs
 from moba_megatron.ops.moba import fused_routes
 from moba_megatron.ops.moba.gating import block_key_sums, select_blocks
 from moba_megatron.ops.moba.layout import block_layout
-from moba_megatron.ops.moba.routing import SelectionCounts, plan_routes
+from moba_megatron.ops.moba.routing import SelectionCounts, plan_groups
 
 SWEEP = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 2),
          (64, 64, 4, 4), (128, 128, 8, 3)]
@@ -35,9 +35,10 @@ def main():
     layout = block_layout((0, t), args.chunk, q.device)
     slots = min(args.topk - 1, layout.max_candidates)
     sel = select_blocks(q, block_key_sums(k, layout), layout, slots)
-    groups = plan_routes(sel, SelectionCounts(sel, layout.num_blocks), layout, h, d, 16384)
+    counts = SelectionCounts(sel, layout.num_blocks)
+    groups = plan_groups(sel, counts, h, d)
     print(f"{torch.cuda.get_device_name()}: S={t} chunk={args.chunk} topk={args.topk} H={h} D={d}, "
-          f"{sum(g.order.numel() for g in groups)} routed rows in {len(groups)} head group(s)")
+          f"{sum(map(sum, counts.wait()))} routed rows in {len(groups)} head group(s)")
 
     def forward():
         return [fused_routes.routed_forward(q, k, v, g.order, g.run_counts, g.h0, g.h1 - g.h0, layout.block_starts_dev,

@@ -9,8 +9,9 @@ block's keys in one of two ways:
   against its local blocks, and the partial output and LSE travel back. No K/V leaves its rank.
   The backward sends the rows' query, output gradient, merged output and LSE out and the dq rows
   back. Rows move in rounds of at most ``_ROUND_ROWS`` so the buffers in flight stay bounded.
-- ``allgather``: K and V are all-gathered and every rank attends its own rows locally. The
-  backward gathers K/V again (nothing of the gathered copy is kept) and reduce-scatters dK/dV.
+- ``allgather``: K and V are all-gathered and every rank attends its own rows locally, with the
+  single-device op's routed code (ops/moba/routed.py) over the gathered blocks. The backward
+  gathers K/V again (nothing of the gathered copy is kept) and reduce-scatters dK/dV.
 
 Partials are merged with the own-block result by log-sum-exp, and each part's kernel backward runs
 against the merged output, exactly as on one device.
@@ -21,28 +22,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.moba.function import merge_partials
+from ..ops.moba import routed
 from ..ops.moba.gating import block_key_sums, select_blocks
+from ..ops.moba.routing import SelectionCounts
 from ..ops.moba.rows import plan_rows, put_rows, rows_backward, rows_forward
 from ..ops.moba.validate import check_positive_int, check_qkv, check_scale
 from ..ops.varlen import get_backend
 from .cost import choose_cp_comm
-from .exchange import AllToAll, all_gather, gather_block_sums, reduce_scatter
+from .exchange import AllToAll, gather_block_sums, reduce_scatter, start_all_gather
 from .sharding import ShardBlocks, shard_blocks
 
 CP_COMM_MODES = ("auto", "routed", "allgather")
 
 
-def _block_store(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Local tokens ``[..., blocks * C, Hkv, D]`` (leading dims: ranks) -> ``[Hkv * all blocks, C, D]``."""
-    hkv, d = x.shape[-2:]
-    return x.reshape(-1, chunk, hkv, d).permute(2, 0, 1, 3).reshape(-1, chunk, d)
+class _GatheredKeys:
+    """Every rank's K and V, rank-major, as the key blocks of ``shard.gathered``. The all-gathers
+    run from construction to ``wait``, behind the own-block attention launched in between."""
 
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, shard: ShardBlocks, group):
+        self.shape, self.layout = k.shape, shard.gathered
+        self.parts = [start_all_gather(x, shard.cp_size, group) for x in (k, v)]
+        self.bytes_sent = sum(sent for _, sent, _ in self.parts)
 
-def _store_grad_to_tokens(grad: torch.Tensor, ranks: int, chunk: int, hkv: int) -> torch.Tensor:
-    """Inverse layout of ``_block_store``: ``[Hkv * ranks * blocks, C, D] -> [ranks, blocks * C, Hkv, D]``."""
-    d = grad.shape[-1]
-    return grad.view(hkv, ranks, -1, chunk, d).permute(1, 2, 3, 0, 4).reshape(ranks, -1, hkv, d)
+    def wait(self) -> routed.KeyBlocks:
+        for _, _, work in self.parts:
+            work.wait()
+        k_all, v_all = (out.view(-1, *self.shape[1:]) for out, _, _ in self.parts)
+        self.parts = None
+        return routed.KeyBlocks(k_all, v_all, self.layout)
 
 
 class _Selection:
@@ -73,71 +80,32 @@ class _Selection:
 class MoBAContextParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, shard: ShardBlocks, topk, scale, backend, mode, group, stats):
-        t, hq, d = q.shape
-        hkv = k.shape[1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         chunk, cp = shard.chunk, shard.cp_size
         cu = shard.local.cu_blocks
-        out, lse = backend.forward(q, k, v, cu, cu, chunk, chunk, True, scale)
         slots = min(topk - 1, shard.max_candidates)
-        ctx.shard, ctx.scale, ctx.backend, ctx.mode, ctx.group, ctx.stats = shard, scale, backend, mode, group, stats
-        ctx.rows = None
-        sent = 0
-        if slots > 0:
+        ctx.shard, ctx.scale, ctx.backend, ctx.group, ctx.stats = shard, scale, backend, group, stats
+        ctx.routes = ctx.rows = None
+        if slots > 0:  # gate first: the own-block call below then hides the waits (counts, K/V gathers)
             sums = gather_block_sums(block_key_sums(k, shard.local), shard, group)
-            sent += sums.numel() // cp * sums.element_size() * (cp - 1)
+            sent = sums.numel() // cp * sums.element_size() * (cp - 1)
             sel = select_blocks(q, sums, shard, slots)
-            rows = _Selection(sel)
-            owner, block = shard.owner(sel.view(-1)[rows.cell].long())
-            del sel
-            kv_head = rows.token_head()[1] // (hq // hkv)
-            q_flat = q.view(-1, d)
-            nloc = shard.local_blocks
-            grid_out = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) partials
-            grid_lse = torch.full((t * hq * slots + 1,), float("-inf"), device=q.device)
             if mode == "allgather":
-                kv, n = all_gather(torch.stack([k, v]), cp, group)
-                sent += n
-                keys = kv_head * (cp * nloc) + owner * nloc + block
-                del kv_head, owner, block
-                plan = plan_rows(keys, hkv * cp * nloc, backend.tile_width, chunk, d)
-                o_rows, l_rows = rows_forward(
-                    backend, plan, q_flat, _block_store(kv[:, 0], chunk), _block_store(kv[:, 1], chunk),
-                    scale, index=rows.token_major(),
-                )
-                put_rows(grid_out, rows.cell, o_rows)
-                grid_lse[rows.cell] = l_rows
-                del kv, o_rows, l_rows
-                work = len(keys)
+                sel = shard.gathered_blocks(sel)
+                counts = SelectionCounts(sel, shard.gathered.num_blocks)
+                gathering = _GatheredKeys(k, v, shard, group)
+        out, lse = backend.forward(q, k, v, cu, cu, chunk, chunk, True, scale)
+        if slots > 0:
+            if mode == "allgather":
+                keys, n = gathering.wait(), gathering.bytes_sent
+                ctx.routes = routed.plan(sel, counts, keys, q, backend)
+                del sel
+                routed.forward(q, out, lse, ctx.routes, keys, scale, backend)
+                del keys, gathering
+                work = ctx.routes.num_rows() if stats is not None else 0
             else:
-                k_store, v_store = _block_store(k, chunk), _block_store(v, chunk)
-                rounds = _routed_rounds(len(rows.cell), group, q.device)
-                ctx.routed, work = [], 0
-                for r0, r1 in rounds:
-                    part = slice(r0, r1)
-                    by_owner = torch.sort(owner[part], stable=True).indices
-                    route = AllToAll(torch.bincount(owner[part], minlength=cp), shard.cp_rank, group)
-                    cells = rows.cell[part][by_owner]
-                    recv_q, n1 = route(q_flat[rows.token_major(cells)])
-                    recv_keys, n2 = route((kv_head[part] * nloc + block[part])[by_owner])
-                    plan = plan_rows(recv_keys, hkv * nloc, backend.tile_width, chunk, d)
-                    o_recv, l_recv = rows_forward(backend, plan, recv_q, k_store, v_store, scale)
-                    del recv_q
-                    o_rows, n3 = route(o_recv, back=True)  # in the order of `cells`
-                    l_rows, n4 = route(l_recv, back=True)
-                    del o_recv, l_recv
-                    put_rows(grid_out, cells, o_rows)
-                    grid_lse[cells] = l_rows
-                    del o_rows, l_rows
-                    ctx.routed.append((cells, route, plan))
-                    sent += n1 + n2 + n3 + n4
-                    work += len(recv_keys)
-                del kv_head, owner, block, k_store, v_store
-                plan = None
-            out, lse = merge_partials(out, lse, grid_out, grid_lse)
-            lse = lse.contiguous()
-            ctx.rows, ctx.plan, ctx.slots = rows, plan, slots
-            _record(stats, "forward", sent, work)
+                n, work = _routed_forward(ctx, q, k, v, out, lse, sel, shard, slots, scale, backend, group)
+            _record(stats, "forward", sent + n, work)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -145,67 +113,100 @@ class MoBAContextParallelFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         shard, scale, backend, group = ctx.shard, ctx.scale, ctx.backend, ctx.group
-        t, hq, d = q.shape
-        hkv = k.shape[1]
-        chunk, cp = shard.chunk, shard.cp_size
+        chunk = shard.chunk
         dout = dout.contiguous()
         cu = shard.local.cu_blocks
+        gathering = _GatheredKeys(k, v, shard, group) if ctx.routes is not None else None
         dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu, cu, chunk, chunk, True, scale)
-        rows = ctx.rows
-        if rows is None:
-            return dq, dk, dv, *([None] * 7)
-        dout_flat, out_flat = dout.view(-1, d), out.view(-1, d)
-        slots = ctx.slots
-        grid_dq = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) dq partials
-        if ctx.mode == "allgather":
-            tm, hm = rows.token_major(), rows.head_major()
-            kv, sent = all_gather(torch.stack([k, v]), cp, group)
-            dq_rows, dks, dvs = rows_backward(
-                backend, ctx.plan, dout_flat, q.view(-1, d), out_flat, lse.view(-1),
-                _block_store(kv[:, 0], chunk), _block_store(kv[:, 1], chunk), scale,
-                index=tm, lse_index=hm,
-            )
-            del kv
-            grads = torch.stack([_store_grad_to_tokens(g, cp, chunk, hkv) for g in (dks, dvs)], dim=1)
-            del dks, dvs
-            dkv, n = reduce_scatter(grads, group)  # [2, T, Hkv, D] fp32: this rank's blocks, summed
-            del grads
-            sent += n
-            put_rows(grid_dq, rows.cell, dq_rows)
-            del dq_rows
-            work = len(tm)
-        else:
-            k_store, v_store = _block_store(k, chunk), _block_store(v, chunk)
-            dks = torch.zeros(k_store.shape, dtype=torch.float32, device=q.device)
-            dvs = torch.zeros_like(dks)
-            q_flat, lse_flat = q.view(-1, d), lse.view(-1)
-            sent, work = 0, 0
-            for cells, route, plan in ctx.routed:
-                tm, hm = rows.token_major(cells), rows.head_major(cells)
-                # q rows travel again rather than being kept from the forward: a layer's
-                # received rows are (topk - 1) x its queries, too many to hold until the backward.
-                recv_q, n0 = route(q_flat[tm])
-                recv_dout, n1 = route(dout_flat[tm])
-                recv_out, n2 = route(out_flat[tm])
-                recv_lse, n3 = route(lse_flat[hm])
-                dq_recv, dk_part, dv_part = rows_backward(
-                    backend, plan, recv_dout, recv_q, recv_out, recv_lse, k_store, v_store, scale
-                )
-                del recv_q, recv_dout, recv_out, recv_lse
-                dks += dk_part
-                dvs += dv_part
-                del dk_part, dv_part
-                dq_rows, n4 = route(dq_recv, back=True)
-                put_rows(grid_dq, cells, dq_rows)
-                del dq_recv, dq_rows
-                sent += n0 + n1 + n2 + n3 + n4
-                work += len(plan.order)
-            dkv = torch.stack([_store_grad_to_tokens(g, 1, chunk, hkv)[0] for g in (dks, dvs)])
-        dq = (dq.float() + grid_dq[:-1].view(t, hq, slots, d).sum(2, dtype=torch.float32)).to(q.dtype)
-        dk = (dk.float() + dkv[0]).to(k.dtype)
-        dv = (dv.float() + dkv[1]).to(v.dtype)
-        _record(ctx.stats, "backward", sent, work)
+        if gathering is not None:
+            keys, sent = gathering.wait(), gathering.bytes_sent
+            del gathering
+            dk_all, dv_all = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (keys.k, keys.v))
+            routed.backward(dout, q, out, lse, ctx.routes, keys, scale, backend, dq, dk_all, dv_all)
+            del keys
+            (dk_mine, n_k), (dv_mine, n_v) = (
+                reduce_scatter(x.view(shard.cp_size, *k.shape), group) for x in (dk_all, dv_all)
+            )  # this rank's blocks, summed over the ranks whose queries chose them
+            del dk_all, dv_all
+            dk = (dk.float() + dk_mine).to(k.dtype)
+            dv = (dv.float() + dv_mine).to(v.dtype)
+            _record(ctx.stats, "backward", sent + n_k + n_v, ctx.routes.num_rows() if ctx.stats is not None else 0)
+        elif ctx.rows is not None:
+            dq, dk, dv = _routed_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv)
         return dq, dk, dv, *([None] * 7)
+
+
+def _routed_forward(ctx, q, k, v, out, lse, sel, shard: ShardBlocks, slots, scale, backend, group):
+    """The routed exchange's forward: rows out to their blocks' owners, partials back, merged into
+    ``out``/``lse`` in place. Returns (bytes sent, rows this rank attended)."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    rows = _Selection(sel)
+    owner, block = shard.owner(sel.view(-1)[rows.cell].long())
+    del sel
+    kv_head = rows.token_head()[1] // (hq // hkv)
+    q_flat = q.view(-1, d)
+    nloc = shard.local_blocks
+    fused = routed.fused_kernels_apply(backend, q, shard.chunk)
+    keys = routed.KeyBlocks(k, v, shard.local)
+    grid_out = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) partials
+    grid_lse = torch.full((t * hq * slots + 1,), float("-inf"), device=q.device)
+    ctx.routed, sent, work = [], 0, 0
+    for r0, r1 in _routed_rounds(len(rows.cell), group, q.device):
+        part = slice(r0, r1)
+        by_owner = torch.sort(owner[part], stable=True).indices
+        route = AllToAll(torch.bincount(owner[part], minlength=shard.cp_size), shard.cp_rank, group)
+        cells = rows.cell[part][by_owner]
+        recv_q, n1 = route(q_flat[rows.token_major(cells)])
+        recv_keys, n2 = route((kv_head[part] * nloc + block[part])[by_owner])
+        plan = plan_rows(recv_keys, hkv * nloc, backend.tile_width, shard.chunk, d)
+        o_recv, l_recv = rows_forward(backend, plan, recv_q, keys, scale, fused)
+        del recv_q
+        o_rows, n3 = route(o_recv, back=True)  # in the order of `cells`
+        l_rows, n4 = route(l_recv, back=True)
+        del o_recv, l_recv
+        put_rows(grid_out, cells, o_rows)
+        grid_lse[cells] = l_rows
+        del o_rows, l_rows
+        ctx.routed.append((cells, route, plan))
+        sent += n1 + n2 + n3 + n4
+        work += len(recv_keys)
+    routed.merge(out, lse, 0, hq, grid_out, grid_lse, slots, fused)
+    ctx.rows, ctx.slots, ctx.fused = rows, slots, fused
+    return sent, work
+
+
+def _routed_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv):
+    """The routed exchange's backward: q, dO, O and LSE rows out again, dq rows back; the owners'
+    K/V gradients stay on them."""
+    shard, scale, backend, rows, slots = ctx.shard, ctx.scale, ctx.backend, ctx.rows, ctx.slots
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    keys = routed.KeyBlocks(k, v, shard.local)
+    dks, dvs = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in keys.block_major)
+    grid_dq = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) dq partials
+    q_flat, dout_flat, out_flat, lse_flat = q.view(-1, d), dout.view(-1, d), out.view(-1, d), lse.view(-1)
+    sent, work = 0, 0
+    for cells, route, plan in ctx.routed:
+        tm, hm = rows.token_major(cells), rows.head_major(cells)
+        # q rows travel again rather than being kept from the forward: a layer's
+        # received rows are (topk - 1) x its queries, too many to hold until the backward.
+        recv_q, n0 = route(q_flat[tm])
+        recv_dout, n1 = route(dout_flat[tm])
+        recv_out, n2 = route(out_flat[tm])
+        recv_lse, n3 = route(lse_flat[hm])
+        dq_recv = rows_backward(backend, plan, recv_dout, recv_q, recv_out, recv_lse, keys, scale, ctx.fused, dks, dvs)
+        del recv_q, recv_dout, recv_out, recv_lse
+        dq_rows, n4 = route(dq_recv, back=True)
+        put_rows(grid_dq, cells, dq_rows)
+        del dq_recv, dq_rows
+        sent += n0 + n1 + n2 + n3 + n4
+        work += len(plan.order)
+    dq = (dq.float() + grid_dq[:-1].view(t, hq, slots, d).sum(2, dtype=torch.float32)).to(q.dtype)
+    dk = (dk.float() + keys.to_tokens(dks, 0, hkv)).to(k.dtype)
+    dv = (dv.float() + keys.to_tokens(dvs, 0, hkv)).to(v.dtype)
+    _record(ctx.stats, "backward", sent, work)
+    return dq, dk, dv
 
 
 _ROUND_ROWS = 1 << 24  # routed rows per exchange round: bounds the rows in flight (~4 GiB at D=128, bf16)

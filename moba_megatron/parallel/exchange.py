@@ -26,9 +26,17 @@ def gather_block_sums(local_sums: torch.Tensor, shard: ShardBlocks, group=None) 
 
 def all_gather(x: torch.Tensor, cp_size: int, group=None) -> tuple[torch.Tensor, int]:
     """``x`` from every rank, stacked rank-major: ``[cp, *x.shape]``."""
+    out, sent, work = start_all_gather(x, cp_size, group)
+    work.wait()
+    return out, sent
+
+
+def start_all_gather(x: torch.Tensor, cp_size: int, group=None):
+    """``all_gather`` in the background: returns ``(out, bytes sent, work)``; ``out`` holds the
+    result once ``work.wait()`` returns (on GPUs: once the caller's stream has waited on it)."""
     out = x.new_empty((cp_size * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out.view(cp_size, *x.shape), x.numel() * x.element_size() * (cp_size - 1)
+    work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=True)
+    return out.view(cp_size, *x.shape), x.numel() * x.element_size() * (cp_size - 1), work
 
 
 def reduce_scatter(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:

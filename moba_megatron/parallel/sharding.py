@@ -70,6 +70,7 @@ class ShardBlocks:
     cp_rank: int
     chunk: int
     local: BlockLayout  # the rank's own blocks, for the own-block attention and the block sums
+    gathered: BlockLayout  # every rank's tokens gathered rank-major (the all-gather exchange's K/V)
     block_ids: list[int]  # global id of each local block
     all_block_ids: torch.Tensor  # [cp * local blocks] global ids of every rank's blocks, rank-major
     token_block: torch.Tensor  # [local tokens] global id of each token's block
@@ -106,6 +107,11 @@ class ShardBlocks:
         index = sample * 2 * per_chunk + torch.where(first_half, within, per_chunk + within)
         return rank, index
 
+    def gathered_blocks(self, block: torch.Tensor) -> torch.Tensor:
+        """Global block ids (-1: none) -> their block in ``gathered`` (-1 stays)."""
+        rank, index = self.owner(block.long().clamp(min=0))
+        return torch.where(block >= 0, rank * self.local_blocks + index, -1)
+
 
 @functools.lru_cache(maxsize=16)
 def shard_blocks(batch: int, seq_len: int, cp_size: int, cp_rank: int, chunk: int, device: torch.device) -> ShardBlocks:
@@ -128,6 +134,7 @@ def shard_blocks(batch: int, seq_len: int, cp_size: int, cp_rank: int, chunk: in
         cp_rank=cp_rank,
         chunk=chunk,
         local=block_layout(tuple(range(0, batch * local_len + 1, chunk)), chunk, device),
+        gathered=block_layout(tuple(range(0, cp_size * batch * local_len + 1, chunk)), chunk, device),
         block_ids=mine,
         all_block_ids=every.to(device),
         token_block=token_block.to(device),

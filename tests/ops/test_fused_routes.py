@@ -11,28 +11,14 @@ from hypothesis import strategies as st
 
 from moba_megatron.ops.moba.function import MoBAFunction
 from moba_megatron.ops.moba.layout import block_layout
-from moba_megatron.ops.varlen.torch_ref import TorchBackend
+from tests.ops.backends import FusedOnPaddedTorch, FusedOnTorch
 from tests.ops.test_moba_op import check_against_reference
-from tests.ops.test_padded_tiles import PaddedTorch
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets Triton's interpreter mode on CPU"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class FusedOnTorch(TorchBackend):
-    """Own blocks and the kernel backward in plain PyTorch; the routed forward and the backward's
-    row gathers in the Triton kernels (unpadded varlen tiles)."""
-
-    triton_routes = True
-
-
-class FusedOnPaddedTorch(PaddedTorch):
-    """The same with padded tiles (the cuDNN path's shape): gathers zero the padding rows' dO."""
-
-    triton_routes = True
 
 
 def check(lens, chunk, topk, hq, hkv, d, dtype, seed=0, backend=None):
@@ -83,3 +69,28 @@ def test_head_groups(monkeypatch):
 def test_fuzz_fused_routes(lens, chunk, topk, group, d, padded, seed):
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     check(lens, chunk, topk, 2 * group, 2, d, dtype, seed=seed, backend=FusedOnPaddedTorch(32) if padded else None)
+
+
+@pytest.mark.gpu
+def test_merge_of_a_grid_beyond_int32_offsets():
+    """The routed CP exchange merges every head at once: at 512K tokens x 8 heads x 11 slots x 128
+    the grid has 5.9e9 elements, past int32 offsets. Merge a 2.2e9-element grid and check the last
+    tokens (the ones whose offsets overflow int32) against the PyTorch merge."""
+    from moba_megatron.ops.moba.fused_routes import merge_into
+    from moba_megatron.ops.moba.routed import merge_partials
+    from tests.helpers import assert_close
+
+    t, nh, slots, d, tail = 1 << 20, 1, 17, 128, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+
+    out, lse = randn(t, nh, d, dtype=torch.bfloat16), randn(nh, t)
+    grid_out, grid_lse = randn(t * nh * slots + 1, d, dtype=torch.bfloat16), randn(t * nh * slots + 1)
+    assert grid_out.numel() > 2**31
+    last = slice(-(tail * nh * slots + 1), None)  # the tail's cells and the spare row
+    want_out, want_lse = merge_partials(out[-tail:], lse[:, -tail:], grid_out[last], grid_lse[last])
+    merge_into(out, lse, 0, nh, grid_out, grid_lse, slots)
+    assert_close(out[-tail:], want_out, 1e-2, 1e-2, "merged out")
+    assert_close(lse[:, -tail:], want_lse, 1e-5, 1e-5, "merged lse")

@@ -8,34 +8,8 @@ import torch
 from moba_megatron import moba_attn_varlen
 from moba_megatron.ops.moba import moba_attn_varlen_reference
 from moba_megatron.ops.varlen import BACKENDS
-from moba_megatron.ops.varlen.base import PaddedTiles
-from moba_megatron.ops.varlen.torch_ref import TorchBackend
 from tests.helpers import assert_close, make_qkv, run_with_grads
-
-
-class PaddedTorch(PaddedTiles, TorchBackend):
-    name = "padded_torch"
-
-    def __init__(self, width):
-        self.tile_width = width
-
-    @staticmethod
-    def _as_varlen(q, k):
-        n, _, lq, d = q.shape
-        lk = k.shape[2]
-        cu_q = torch.arange(0, n * lq + 1, lq, dtype=torch.int32)
-        cu_k = torch.arange(0, n * lk + 1, lk, dtype=torch.int32)
-        return cu_q, cu_k, lambda x: x.reshape(-1, 1, d)
-
-    def dense_forward(self, q, k, v, scale):
-        cu_q, cu_k, flat = self._as_varlen(q, k)
-        out, lse = self.forward(flat(q), flat(k), flat(v), cu_q, cu_k, 0, 0, False, scale)
-        return out.view(q.shape), lse.view(q.shape[:3])
-
-    def dense_backward(self, dout, q, k, v, out, lse, scale):
-        cu_q, cu_k, flat = self._as_varlen(q, k)
-        grads = self.backward(flat(dout), flat(q), flat(k), flat(v), flat(out), lse.reshape(1, -1), cu_q, cu_k, 0, 0, False, scale)
-        return [g.view(x.shape) for g, x in zip(grads, (q, k, v))]
+from tests.ops.backends import PaddedTorch
 
 
 @pytest.mark.parametrize("width", [1, 3, 8])

@@ -31,6 +31,7 @@ class Case:
     dtype: str = "float32"
     comm: str = "routed"
     round_rows: int = 0  # > 0: routed exchange rounds of this many rows (default: the module's)
+    backend: str | None = None  # a tests/ops/backends.py backend, else the run's
 
 
 CPU_CASES = [
@@ -43,6 +44,10 @@ CPU_CASES = [
     Case(topk=100, comm="allgather"),
     Case(batch=2, seq=32, chunk=2, topk=4, hq=2, hkv=2, comm="routed"),
     Case(batch=2, seq=32, chunk=2, topk=4, hq=2, hkv=2, comm="auto"),
+    # The fused Triton routed kernels (the CUDA backends' path), run by Triton's interpreter.
+    Case(seq=128, chunk=16, topk=3, comm="routed", backend="fused_torch"),
+    Case(seq=128, chunk=16, topk=3, comm="routed", round_rows=37, backend="fused_padded_torch"),
+    Case(batch=2, seq=128, chunk=16, topk=4, hkv=1, comm="allgather", backend="fused_padded_torch"),
 ]
 
 GPU_CASES = [
@@ -52,6 +57,15 @@ GPU_CASES = [
     Case(batch=2, seq=16384, chunk=512, topk=1, hq=4, hkv=4, d=64, dtype="bfloat16", comm="routed"),
     Case(batch=1, seq=16384, chunk=1024, topk=64, hq=4, hkv=4, d=64, dtype="bfloat16", comm="allgather"),
     Case(batch=1, seq=8192, chunk=256, topk=3, hq=4, hkv=2, d=64, dtype="float32", comm="routed"),
+]
+
+
+# The 8-GPU validation's settings (block 4096, top-k 12, GQA, bf16) at 1M tokens: 16 query heads
+# over 4 kv heads, so each TP=2 rank's single-device reference (its 8 / 2 heads over the whole
+# sequence) fits beside the CP run.
+LONG_GPU_CASES = [
+    Case(batch=1, seq=1 << 20, chunk=4096, topk=12, hq=16, hkv=4, d=128, dtype="bfloat16", comm=comm)
+    for comm in ("allgather", "routed")
 ]
 
 
@@ -74,6 +88,11 @@ def check(case: Case, tp_rank: int, tp: int, cp_group, device: str, backend: str
     from tests.helpers import cu_seqlens_of, run_with_grads
 
     cp, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    if case.backend is not None:
+        from tests.ops.backends import register
+
+        register()
+        backend = case.backend
     q, k, v, dout = _inputs(case, device)
     heads_q = slice(tp_rank * case.hq // tp, (tp_rank + 1) * case.hq // tp)
     kv0 = tp_rank * case.hkv // tp  # fewer kv heads than TP ranks: each rank keeps one, as Megatron

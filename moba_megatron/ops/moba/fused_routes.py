@@ -4,8 +4,8 @@ per-call row gathers as one kernel.
 
 The tiles path (routing.py + a varlen backend) copies every selected query row into tile order,
 runs the kernel and scatters the partial results back into the merge grid. These kernels read each
-query row through the head group's sorted row order (the one ``plan_routes`` makes) and write its
-partial output and LSE at the row's own place in the grid, so nothing is copied outside them.
+query row through the head group's sorted row order (``routing.plan_groups``) and write its partial
+output and LSE at the row's own place in the grid, so nothing is copied outside them.
 
 Rows sorted by (head, block) form one *run* per (query head, block): the queries of that head that
 chose that block. A program takes up to ``BM`` rows of one run against the block's keys. Tile tables
@@ -81,8 +81,9 @@ def _forward_kernel(Q, K, V, O, L, order, tile_run, tile_row0, tile_rows, block_
 @triton.jit
 def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
                   D: tl.constexpr, BR: tl.constexpr):
-    """In place: each (token, head) cell's own-block out/LSE merged with its slots' partials."""
-    cells = tl.program_id(0) * BR + tl.arange(0, BR)
+    """In place: each (token, head) cell's own-block out/LSE merged with its slots' partials.
+    Offsets are int64: a grid of all heads (context parallelism's routed exchange) passes 2^31."""
+    cells = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     mask = cells < T * nh
     t = cells // nh
     h = h0 + cells % nh
@@ -108,7 +109,7 @@ def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
 @triton.jit
 def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, order, sorted_rows, valid, n, T, stride_t, stride_h, nh, h0, slots,
                    HAS_VALID: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     mask = rows < n
     rid = tl.load(order + tl.load(sorted_rows + rows, mask=mask, other=0), mask=mask, other=0)
     cell = rid // slots

@@ -8,7 +8,9 @@ tiles and the remainders are packed apart, remainders by size, so little padding
 Keys reach a call as the tiles' blocks of a block-major copy of K (one copy, never repeated per
 GQA head).
 
-Heads are processed in groups so the fp32 merge and gradient state stays bounded.
+Heads are processed in groups so the fp32 merge and gradient state stays bounded. ``plan_groups``
+sorts the rows on the device; ``plan_pieces`` cuts the tiles, which needs the selection counts on
+the host.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import BlockLayout
 
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
@@ -59,8 +60,8 @@ class Piece:
 class HeadGroup:
     h0: int  # query heads [h0, h1)
     h1: int
-    order: torch.Tensor  # [rows] int64, flat index into [T, h1 - h0, slots] of each row, sorted
-    pieces: list[Piece]
+    order: torch.Tensor  # [T * (h1 - h0) * slots] int64, flat index into [T, h1 - h0, slots], sorted by
+    # (head, block) with the selected rows first (unused slots sort last)
     run_counts: torch.Tensor  # [(h1 - h0) * blocks] on the device: rows per (head, block), in order
 
 
@@ -104,34 +105,38 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
     return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
 
 
-def plan_routes(
-    sel: torch.Tensor,
-    counts: SelectionCounts,
-    layout: BlockLayout,
-    num_kv_heads: int,
-    head_dim: int,
-    tile_width: int | None,
-) -> list[HeadGroup]:
-    """Plan the routed calls. ``tile_width=None`` makes one unpadded tile per (head, block), for
-    varlen kernels; an int cuts tiles of at most that many rows, for padded fixed-shape kernels."""
+def plan_groups(sel: torch.Tensor, counts: SelectionCounts, num_kv_heads: int, head_dim: int) -> list[HeadGroup]:
+    """Sort each head group's rows by (head, block). Nothing is read on the host: the fused Triton
+    forward launches from this alone (its tile tables are built on the device)."""
     t, hq, slots = sel.shape
-    group = hq // num_kv_heads
-    nb = layout.num_blocks
-    device_counts, counts = counts.on_device, counts.wait()
+    nb = counts.on_device.shape[1]
     device = sel.device
     groups = []
-    for h0, h1 in head_groups(hq, group, t * slots * head_dim):
+    for h0, h1 in head_groups(hq, hq // num_kv_heads, t * slots * head_dim):
         nh = h1 - h0
-        rows = sum(sum(counts[h]) for h in range(h0, h1))
-        if rows == 0:
-            continue
         local = torch.arange(nh, device=device).view(1, nh, 1)
         keys = torch.where(sel[:, h0:h1] >= 0, local * nb + sel[:, h0:h1].long(), nh * nb).flatten()
-        order = torch.sort(keys, stable=True).indices[:rows]
-        runs = ((counts[h][j], (h // group) * nb + j) for h in range(h0, h1) for j in range(nb))
-        pieces = pack_tiles(runs, tile_width, layout.chunk, head_dim, device)
-        groups.append(HeadGroup(h0, h1, order, pieces, device_counts[h0:h1].flatten()))
+        groups.append(HeadGroup(h0, h1, torch.sort(keys, stable=True).indices, counts.on_device[h0:h1].flatten()))
     return groups
+
+
+def plan_pieces(
+    groups: list[HeadGroup], counts: SelectionCounts, group: int, chunk: int, head_dim: int, tile_width: int | None
+) -> list[list[Piece]]:
+    """The kernel calls of each head group's rows (``group`` query heads per kv head); reads the
+    selection counts on the host (launch shapes depend on them). ``tile_width=None`` makes one
+    unpadded tile per (head, block), for varlen kernels; an int cuts tiles of at most that many
+    rows, for padded fixed-shape kernels."""
+    host = counts.wait()
+    nb = len(host[0]) if host else 0
+    device = counts.on_device.device
+    return [
+        pack_tiles(
+            ((host[h][j], (h // group) * nb + j) for h in range(grp.h0, grp.h1) for j in range(nb)),
+            tile_width, chunk, head_dim, device,
+        )
+        for grp in groups
+    ]
 
 
 def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device) -> list[Piece]:

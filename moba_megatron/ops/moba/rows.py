@@ -1,10 +1,15 @@
-"""Attention of loose query rows against a store of key blocks.
+"""Attention of loose query rows against key blocks: the rows context parallelism's routed exchange
+brings to the rank that owns their blocks.
 
-Context parallelism hands the op a flat list of rows: one query vector each, with the key block it
-selected (``kv_head * store_blocks + block`` into a block-major store ``[Hkv * blocks, C, D]``).
-``plan_rows`` sorts them by block and packs them into kernel calls as the single-device routing does;
-``rows_forward`` returns each row's partial output and LSE in the input order, and ``rows_backward``
-differentiates them against the merged output and LSE, returning fp32 gradients of the store.
+Each row is one query vector with the key block it selected (``kv_head * blocks + block`` of a
+``routed.KeyBlocks``). ``plan_rows`` sorts them by that key and packs them into kernel calls as the
+single-device routing does; ``rows_forward`` returns each row's partial output and LSE in the input
+order, and ``rows_backward`` differentiates them against the merged output and LSE (K and V
+gradients summed into fp32 block-major accumulators).
+
+With ``fused`` (CUDA backends, see ``routed.fused_kernels_apply``) the rows go through
+fused_routes.py's kernels as a head group of one head and one slot: row i is grid cell i, and the
+row's kv head comes from its run (q is viewed with a zero head stride, so every head reads row i).
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ from .routing import Piece, pack_tiles
 class RowPlan:
     num_rows: int
     order: torch.Tensor  # [rows] int64: input row of each sorted row
+    run_counts: torch.Tensor  # [kv heads * blocks] rows per key, on the device
     pieces: list[Piece]
 
 
 def plan_rows(keys: torch.Tensor, num_keys: int, tile_width: int | None, chunk: int, head_dim: int) -> RowPlan:
     """Reads the per-block row counts on the host once (kernel shapes depend on them)."""
-    counts = torch.bincount(keys, minlength=num_keys).tolist()
+    run_counts = torch.bincount(keys, minlength=num_keys)
     order = torch.sort(keys, stable=True).indices
-    runs = ((n, block) for block, n in enumerate(counts) if n)
-    return RowPlan(keys.numel(), order, pack_tiles(runs, tile_width, chunk, head_dim, keys.device))
+    runs = ((n, block) for block, n in enumerate(run_counts.tolist()) if n)
+    return RowPlan(keys.numel(), order, run_counts, pack_tiles(runs, tile_width, chunk, head_dim, keys.device))
 
 
 def put_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
@@ -43,55 +49,65 @@ def put_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None
 
 
 def _kernel_rows(plan: RowPlan, piece: Piece):
-    """Input row of every kernel row, its destination (padding -> the spare row ``num_rows``), and
-    which kernel rows are real (None: all)."""
+    """Sorted row of every kernel row, which of them are real (None: all), and each one's
+    destination (its input row; padding -> the spare row ``num_rows``)."""
     slots, valid = piece.slots()
-    src = plan.order[slots]
-    dst = src if valid is None else torch.where(valid, src, plan.num_rows)
-    return src, dst, valid
+    dst = plan.order[slots]
+    if valid is not None:
+        dst = torch.where(valid, dst, plan.num_rows)
+    return slots, valid, dst
 
 
-def _take(x: torch.Tensor, index: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` of ``x[index]``, without materializing ``x[index]``."""
-    return x[rows] if index is None else x[index[rows]]
-
-
-def rows_forward(backend, plan: RowPlan, q, k_store, v_store, scale: float, index=None):
-    """Rows of ``q [n, D]`` (or of ``q[index]``, never materialized) -> partial ``out [n, D]`` and
-    ``lse [n]`` fp32 of each row over its block."""
+def rows_forward(backend, plan: RowPlan, q, keys, scale: float, fused: bool):
+    """Rows ``q [n, D]`` -> partial ``out [n, D]`` and ``lse [n]`` fp32 of each row over its block."""
     n, d = plan.num_rows, q.shape[-1]
+    if fused:
+        from .fused_routes import routed_forward
+
+        hkv = keys.k.shape[1]
+        out, lse = routed_forward(
+            q[:, None].expand(n, hkv, d), keys.k, keys.v, plan.order, plan.run_counts, 0, 1,
+            keys.layout.block_starts_dev, keys.layout.chunk, 1, scale,
+        )
+        return out[:n], lse[:n]
+    kb, vb = keys.block_major
     out = q.new_zeros(n + 1, d)
     lse = torch.full((n + 1,), float("-inf"), dtype=torch.float32, device=q.device)
     for piece in plan.pieces:
-        src, dst, _ = _kernel_rows(plan, piece)
+        slots, _, dst = _kernel_rows(plan, piece)
         o, l = backend.tiles_forward(
-            _take(q, index, src), k_store[piece.tile_block], v_store[piece.tile_block],
-            piece.tile_rows, piece.width, piece.max_rows, scale,
+            q[plan.order[slots]], kb[piece.tile_block], vb[piece.tile_block], piece.tile_rows, piece.width, piece.max_rows, scale
         )
         put_rows(out, dst, o)
         lse[dst] = l
     return out[:n], lse[:n]
 
 
-def rows_backward(backend, plan: RowPlan, dout, q, out, lse, k_store, v_store, scale: float,
-                  index=None, lse_index=None):
-    """Gradients of the rows (``dq [n, D]``) and of the stores (fp32, shaped like them), with each
-    row's probabilities taken against its *merged* output and LSE. Rows are those of ``dout, q,
-    out`` (``[n, D]``) and ``lse`` (``[n]``), or of ``x[index]`` and ``lse[lse_index]``."""
+def rows_backward(backend, plan: RowPlan, dout, q, out, lse, keys, scale: float, fused: bool, dk, dv):
+    """The rows' ``dq [n, D]``; K and V gradients are added into ``dk, dv`` (fp32, block-major like
+    ``keys.block_major``). Each row's probabilities are taken against its *merged* output and LSE.
+    Rows are those of ``dout, q, out`` (``[n, D]``) and ``lse`` (``[n]``)."""
     n, d = plan.num_rows, q.shape[-1]
+    kb, vb = keys.block_major
     dq = q.new_zeros(n + 1, d)
-    dk = torch.zeros(k_store.shape, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(v_store.shape, dtype=torch.float32, device=q.device)
+    if fused:
+        from .fused_routes import gather_rows
     for piece in plan.pieces:
-        src, dst, valid = _kernel_rows(plan, piece)
-        dout_p = _take(dout, index, src)
-        if valid is not None:  # padding must carry no gradient into dK/dV
-            dout_p = torch.where(valid[:, None], dout_p, 0)
+        slots, valid, dst = _kernel_rows(plan, piece)
+        if fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
+            dout_p, q_p, out_p, lse_p = gather_rows(
+                dout[:, None], q[:, None], out[:, None], lse[None], plan.order, slots, valid, 0, 1, 1
+            )
+        else:
+            src = plan.order[slots]
+            dout_p, q_p, out_p, lse_p = dout[src], q[src], out[src], lse[src]
+            if valid is not None:
+                dout_p = torch.where(valid[:, None], dout_p, 0)
         dq_p, dk_p, dv_p = backend.tiles_backward(
-            dout_p, _take(q, index, src), k_store[piece.tile_block], v_store[piece.tile_block],
-            _take(out, index, src), _take(lse, lse_index, src), piece.tile_rows, piece.width, piece.max_rows, scale,
+            dout_p, q_p, kb[piece.tile_block], vb[piece.tile_block], out_p, lse_p,
+            piece.tile_rows, piece.width, piece.max_rows, scale,
         )
         put_rows(dq, dst, dq_p)
         dk.index_add_(0, piece.tile_block, dk_p.float())
         dv.index_add_(0, piece.tile_block, dv_p.float())
-    return dq[:n], dk, dv
+    return dq[:n]
