@@ -1,5 +1,6 @@
 """Command line of the pretraining job: Megatron-LM's flag names and meanings, plus ``--moba-*``
-and ``--config FILE`` (YAML whose keys are the flags' names with underscores; flags override it)."""
+and ``--config FILE`` (YAML whose keys are the flags' names with underscores; flags override it,
+and ``--no-bf16`` and the like turn off a switch the config turns on)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     g.add_argument("--vocab-size", type=int, default=256)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
 
@@ -41,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False)
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recompute: whole layers (full) or only the core attention (selective)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: recompute every unit of --recompute-num-layers layers (uniform, the default) "
+                        "or only the first --recompute-num-layers layers of each pipeline stage (block)")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="with full; default 1")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -55,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over data parallel ranks (GPU)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 mixed precision (GPU)")
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False, help="shard optimizer state over data parallel ranks (GPU)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")

@@ -39,11 +39,16 @@ def _sharded(model, optimizer, loading: bool) -> dict:
     return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)}
 
 
+def _inner_optimizers(optimizer) -> list:
+    """megatron-core's optimizer, or each one of a chained optimizer (one per param group kind)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _ensure_optimizer_state(optimizer) -> None:
     """The distributed optimizer's state dict reads every parameter's Adam step, which exists only
     after a first step; megatron-core makes one with zero gradients before loading into it (as for
     its FSDP format), and the load then overwrites all of it."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
 
@@ -53,7 +58,7 @@ def _skip_torch_adam_step(optimizer) -> None:
     torch's Adam (no TE/apex), looks for each parameter's "step" tensor among the loaded tensors,
     which never hold it (the step comes back through the param groups), and fails with
     ``KeyError: 'step'``. A non-tensor "step" entry is what that loop already skips."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         set_states = getattr(inner, "_set_main_param_and_optimizer_states", None)
         if set_states is None or getattr(set_states, "skips_step", False):
             continue
@@ -69,7 +74,7 @@ def _unshare_torch_adam_steps(optimizer) -> None:
     """The same load (torch's Adam under megatron-core's distributed optimizer) puts *one* step
     tensor into every parameter's state; torch's foreach Adam then adds 1 to it once per parameter
     and step, and the bias corrections of the resumed run go wrong. Each parameter gets its own."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         torch_optimizer = getattr(inner, "optimizer", None)
         if not isinstance(torch_optimizer, torch.optim.Optimizer):
             continue

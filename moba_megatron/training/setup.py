@@ -28,6 +28,10 @@ def init_distributed(args) -> str:
             f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} x --pipeline-model-parallel-size {pp} "
             f"= {tp * cp * pp} does not divide the world size {world}"
         )
+    if args.sequence_parallel and tp == 1:  # as Megatron-LM: a config written for TP runs at TP 1 too
+        if rank == 0:
+            print("moba-pretrain: sequence parallelism disabled: --tensor-model-parallel-size is 1", flush=True)
+        args.sequence_parallel = False
     if args.num_layers % pp:
         fail(f"--num-layers {args.num_layers} does not split into --pipeline-model-parallel-size {pp} equal stages")
     if cp > 1:
@@ -97,9 +101,24 @@ def transformer_config(args) -> MoBATransformerConfig:
             moba_enabled=args.moba_enabled,
             moba_backend=args.moba_backend,
             moba_cp_comm=args.moba_cp_comm,
+            **_recompute(args),
         )
     except (ValueError, AssertionError) as e:
         fail(str(e))
+
+
+def _recompute(args) -> dict:
+    """megatron-core's recompute fields; full recompute defaults to one layer per uniform unit."""
+    if args.recompute_granularity != "full":
+        for flag in ("recompute_method", "recompute_num_layers"):
+            if getattr(args, flag) is not None:
+                fail(f"--{flag.replace('_', '-')} applies to --recompute-granularity full only")
+        return {"recompute_granularity": args.recompute_granularity}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": args.recompute_method or "uniform",
+        "recompute_num_layers": args.recompute_num_layers or 1,
+    }
 
 
 def _fused_norms() -> bool:

@@ -91,6 +91,34 @@ def test_context_parallel_run_matches_single_rank():
             assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (comm, it, split, single)
 
 
+def test_activation_recompute_keeps_the_losses():
+    from moba_megatron.training.arguments import parse_args
+    from moba_megatron.training.setup import transformer_config
+
+    config = transformer_config(parse_args(["--config", "configs/tiny-cpu.yaml", "--recompute-granularity", "full"]))
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == ("full", "uniform", 1)
+    args = [*SMALL, "--train-iters", "3", "--moba-full-attn-layers", "2"]
+    plain = losses(pretrain(*args))
+    for extra in (["--recompute-granularity", "full"], ["--recompute-granularity", "selective"]):
+        again = losses(pretrain(*args, *extra))
+        assert sorted(again) == [1, 2, 3]
+        for it in (1, 2, 3):
+            assert abs(float(again[it]) - float(plain[it])) < 1e-6 * float(plain[it]), (extra, again, plain)
+
+
+def test_8_gpu_layout_matches_single_rank():
+    # The 8-GPU validation's layout (TP 2 x CP 4, configs/llama3-8b-2layer-1m.yaml) at toy sizes on
+    # 8 gloo ranks: the losses of one rank holding the whole model and sequence.
+    args = ["--config", "configs/llama3-8b-2layer-1m.yaml", "--no-bf16", "--hidden-size", "64", "--ffn-hidden-size",
+            "128", "--num-attention-heads", "8", "--num-query-groups", "4", "--seq-length", "2048",
+            "--moba-chunk-size", "64", "--moba-topk", "4", "--train-iters", "3", "--moba-backend", "torch"]
+    single = losses(pretrain(*args, "--tensor-model-parallel-size", "1", "--context-parallel-size", "1", nproc=1))
+    split = losses(pretrain(*args, nproc=8))
+    assert sorted(split) == [1, 2, 3]
+    for it in (1, 2, 3):
+        assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (it, split, single)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -105,6 +133,8 @@ def test_context_parallel_run_matches_single_rank():
         (["--config", "configs/tiny-cpu.yaml", "--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
         (["--config", "configs/tiny-cpu.yaml", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
         (["--config", "configs/tiny-cpu.yaml", "--train-iters", "3"], "--lr-warmup-iters 5 must be below --train-iters 3"),
+        (["--config", "configs/tiny-cpu.yaml", "--recompute-method", "block"],
+         "--recompute-method applies to --recompute-granularity full only"),
         (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--vocab-size", "300"],
          "/nonexistent/corpus.bin and /nonexistent/corpus.idx not found"),
     ],
@@ -132,3 +162,12 @@ def test_shipped_configs_parse(config):
     args = parse_args(["--config", str(config)])
     assert args.seq_length % args.moba_chunk_size == 0 and args.num_layers >= 1
     assert parse_args(["--config", str(config), "--train-iters", "7"]).train_iters == 7  # flags override
+
+
+def test_flags_turn_off_switches_a_config_turns_on():
+    from moba_megatron.training.arguments import parse_args
+
+    config = ["--config", "configs/llama3-8b-2layer-1m.yaml"]
+    assert parse_args(config).bf16 and parse_args(config).sequence_parallel
+    off = parse_args([*config, "--no-bf16", "--no-sequence-parallel"])
+    assert not off.bf16 and not off.sequence_parallel
