@@ -203,8 +203,9 @@ def _routed_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv):
         sent += n0 + n1 + n2 + n3 + n4
         work += len(plan.order)
     dq = (dq.float() + grid_dq[:-1].view(t, hq, slots, d).sum(2, dtype=torch.float32)).to(q.dtype)
-    dk = (dk.float() + keys.to_tokens(dks, 0, hkv)).to(k.dtype)
-    dv = (dv.float() + keys.to_tokens(dvs, 0, hkv)).to(v.dtype)
+    dk_tokens, dv_tokens = keys.to_tokens((dks, dvs), hkv)
+    dk = (dk.float() + dk_tokens).to(k.dtype)
+    dv = (dv.float() + dv_tokens).to(v.dtype)
     _record(ctx.stats, "backward", sent, work)
     return dq, dk, dv
 

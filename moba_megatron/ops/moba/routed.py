@@ -13,6 +13,7 @@ backend's tile calls (routing.py).
 from __future__ import annotations
 
 import functools
+
 import torch
 
 from .layout import BlockLayout
@@ -49,15 +50,14 @@ class KeyBlocks:
         idx = (tokens[None] * hkv + torch.arange(hkv, device=self.k.device)[:, None, None]).flatten()
         return tuple(x.view(-1, d)[idx].view(hkv * layout.num_blocks, layout.chunk, d) for x in (self.k, self.v))
 
-    def to_tokens(self, grad: torch.Tensor, kv0: int, kv1: int) -> torch.Tensor:
-        """Block-major gradients of kv heads ``[kv0, kv1)`` -> token-major ``[Tk, kv1 - kv0, D]``."""
-        layout, d, heads = self.layout, grad.shape[-1], kv1 - kv0
-        device = grad.device
+    def to_tokens(self, grads, heads: int) -> list[torch.Tensor]:
+        """Block-major gradients of ``heads`` kv heads -> token-major ``[Tk, heads, D]`` each."""
+        layout, device = self.layout, grads[0].device
         block = layout.token_block
         within = torch.arange(layout.num_tokens, device=device) - layout.block_starts_dev[block]
         h = torch.arange(heads, device=device)
         index = ((h[None, :] * layout.num_blocks + block[:, None]) * layout.chunk + within[:, None]).flatten()
-        return grad.view(-1, d)[index].view(layout.num_tokens, heads, d)
+        return [g.view(-1, g.shape[-1])[index].view(layout.num_tokens, heads, -1) for g in grads]
 
 
 class Routes:
@@ -136,15 +136,6 @@ def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: boo
         out[:, heads], lse[heads] = merge_partials(out[:, heads], lse[heads], grid_out, grid_lse)
 
 
-def _piece_rows(grp: HeadGroup, grid_size: int, piece: Piece):
-    """Sorted-row index of each kernel row, and its grid position (padding -> the spare row)."""
-    slots, valid = piece.slots()
-    pos = grp.order[slots]
-    if valid is not None:
-        pos = torch.where(valid, pos, grid_size)
-    return slots, valid, pos
-
-
 def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend) -> None:
     """Merges the routed partials into ``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) in place."""
     t, hq, d = q.shape
@@ -165,7 +156,7 @@ def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend)
             grid_out = q.new_zeros(grid_size + 1, d)  # one more row absorbs padding
             grid_lse = torch.full((grid_size + 1,), float("-inf"), device=q.device)
             for piece in routes.pieces()[i]:
-                slot_rows, _, pos = _piece_rows(grp, grid_size, piece)
+                slot_rows, _, pos = piece.destinations(grp.order, grid_size)
                 o_r, l_r = backend.tiles_forward(
                     q.view(-1, d)[token_major[slot_rows]], kb[piece.tile_block], vb[piece.tile_block],
                     piece.tile_rows, piece.width, piece.max_rows, scale,
@@ -196,7 +187,7 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         grid_size = t * nh * slots
         grid_dq = dq.new_zeros(grid_size + 1, d)
         for piece in pieces:
-            slot_rows, valid, pos = _piece_rows(grp, grid_size, piece)
+            slot_rows, valid, pos = piece.destinations(grp.order, grid_size)
             if routes.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
                 dout_rows, q_rows, out_rows, lse_rows = gather_rows(
                     dout, q, out, lse, grp.order, slot_rows, valid, grp.h0, nh, slots
@@ -221,6 +212,6 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         dq[:, grp.h0 : grp.h1] = dq[:, grp.h0 : grp.h1].float() + per_slot.sum(2, dtype=torch.float32)
         del grid_dq, per_slot
         if grp.h1 % group == 0 or grp.h1 == hq:  # the kv heads' last query head is done
-            for grad, acc in ((dk, dkv[0]), (dv, dkv[1])):
-                grad[:, kv0:kv1] = grad[:, kv0:kv1].float() + keys.to_tokens(acc, kv0, kv1)
+            for grad, acc in zip((dk, dv), keys.to_tokens(dkv, kv1 - kv0)):
+                grad[:, kv0:kv1] = grad[:, kv0:kv1].float() + acc
             dkv = None

@@ -55,6 +55,15 @@ class Piece:
         rows = self.tile_row0[:, None] + torch.minimum(pos[None, :], self.tile_rows[:, None] - 1)
         return rows.flatten(), valid.flatten()
 
+    def destinations(self, order: torch.Tensor, spare: int):
+        """``slots()`` and where each kernel row's result goes: ``order`` of its sorted row, padding
+        to the ``spare`` row."""
+        slots, valid = self.slots()
+        dst = order[slots]
+        if valid is not None:
+            dst = torch.where(valid, dst, spare)
+        return slots, valid, dst
+
 
 @dataclass(frozen=True)
 class HeadGroup:

@@ -48,16 +48,6 @@ def put_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None
     dst[index] = rows
 
 
-def _kernel_rows(plan: RowPlan, piece: Piece):
-    """Sorted row of every kernel row, which of them are real (None: all), and each one's
-    destination (its input row; padding -> the spare row ``num_rows``)."""
-    slots, valid = piece.slots()
-    dst = plan.order[slots]
-    if valid is not None:
-        dst = torch.where(valid, dst, plan.num_rows)
-    return slots, valid, dst
-
-
 def rows_forward(backend, plan: RowPlan, q, keys, scale: float, fused: bool):
     """Rows ``q [n, D]`` -> partial ``out [n, D]`` and ``lse [n]`` fp32 of each row over its block."""
     n, d = plan.num_rows, q.shape[-1]
@@ -74,7 +64,7 @@ def rows_forward(backend, plan: RowPlan, q, keys, scale: float, fused: bool):
     out = q.new_zeros(n + 1, d)
     lse = torch.full((n + 1,), float("-inf"), dtype=torch.float32, device=q.device)
     for piece in plan.pieces:
-        slots, _, dst = _kernel_rows(plan, piece)
+        slots, _, dst = piece.destinations(plan.order, plan.num_rows)
         o, l = backend.tiles_forward(
             q[plan.order[slots]], kb[piece.tile_block], vb[piece.tile_block], piece.tile_rows, piece.width, piece.max_rows, scale
         )
@@ -93,7 +83,7 @@ def rows_backward(backend, plan: RowPlan, dout, q, out, lse, keys, scale: float,
     if fused:
         from .fused_routes import gather_rows
     for piece in plan.pieces:
-        slots, valid, dst = _kernel_rows(plan, piece)
+        slots, valid, dst = piece.destinations(plan.order, plan.num_rows)
         if fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
             dout_p, q_p, out_p, lse_p = gather_rows(
                 dout[:, None], q[:, None], out[:, None], lse[None], plan.order, slots, valid, 0, 1, 1

@@ -43,8 +43,8 @@ def tiles_backward(dout, q, k, v, out, lse, scale: float):
 
 
 class CudnnBackend(PaddedTiles, TorchFlashBackend):
-    """Selected blocks on cuDNN in padded tiles (in MoBA's single-device forward, the fused Triton
-    kernel instead where it applies); own blocks on cuDNN too when every block is full (one dense
+    """Selected blocks on cuDNN in padded tiles (in MoBA's forward, the fused Triton kernel instead
+    where it applies); own blocks on cuDNN too when every block is full (one dense
     batched causal call), else on PyTorch's FA2 varlen kernels."""
 
     name = "cudnn"
