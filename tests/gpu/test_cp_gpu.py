@@ -30,10 +30,10 @@ def test_cp_matches_single_device_on_gpus(tmp_path, cp, tp):
     check_layout(tmp_path, cp, tp, GPU_CASES)
 
 
-@pytest.mark.parametrize("cp,tp", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("cp,tp", [(2, 1), (2, 2), (4, 2)])
 def test_cp_at_1m_tokens_on_gpus(tmp_path, cp, tp):
     """Block 4096, top-k 12, GQA 16/4, bf16, 1M tokens: at TP 2 x CP 4 (8 GPUs) as the 8-GPU
-    validation asks, and at CP 2 where only 2 GPUs are lent."""
+    validation asks, and at CP 2 and TP 2 x CP 2 where only 2 or 4 GPUs are lent."""
     from tests.parallel.cp_worker import LONG_GPU_CASES
 
     check_layout(tmp_path, cp, tp, LONG_GPU_CASES)
