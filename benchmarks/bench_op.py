@@ -1,10 +1,13 @@
-"""MoBA op vs dense causal attention (cuDNN SDPA and FlashAttention-2), same GPU, same inputs.
+"""MoBA op vs dense causal attention (cuDNN SDPA, the fastest dense kernel here, and
+FlashAttention-2), same GPU, same inputs, one run.
 
-Prints forward and forward+backward time, peak memory beyond the inputs, and TFLOP/s counted on
-the FLOPs each method actually needs (MoBA: its selected keys; dense: the causal triangle).
+Prints forward and forward+backward time, peak memory beyond the inputs, TFLOP/s counted on the
+FLOPs each method actually needs (MoBA: its selected keys; dense: the causal triangle), and each
+method's fwd+bwd time over cuDNN dense's in the same run.
 
     python benchmarks/bench_op.py                 # the cases of benchmarks/RESULTS.md
     python benchmarks/bench_op.py --case 128k-4096-12 --profile
+    python benchmarks/bench_op.py --backward both # also MoBA with each routed backward (Triton, tiles)
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ class Case:
     topk: int
     hq: int = 8
     hkv: int = 8
+    d: int | None = None  # head dim; None: --head-dim
     dense: bool = False  # also time the dense baselines at this length
 
 
 CASES = [
+    Case("32k-2048-3-h12d64", 32 * K, 2048, 3, hq=12, hkv=12, d=64, dense=True),  # the 125M config's layers
+    Case("32k-512-3", 32 * K, 512, 3, dense=True),
     Case("128k-4096-12", 128 * K, 4096, 12, dense=True),
     Case("128k-2048-3", 128 * K, 2048, 3),
+    Case("128k-128-8", 128 * K, 128, 8, dense=True),
+    Case("256k-128-8", 256 * K, 128, 8, dense=True),
     Case("128k-4096-12-gqa32x8", 128 * K, 4096, 12, hq=32, hkv=8),
     Case("512k-8192-3", 512 * K, 8192, 3),
     Case("512k-4096-12", 512 * K, 4096, 12, dense=True),
@@ -93,39 +101,60 @@ def measure(forward, inputs, dout, reps):
     return t_fwd, t_all, peak
 
 
-def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None = None):
+def moba_variants(backend: str | None, backward: str):
+    """(label, backend name, tiles_backward_min_chunk override or "keep") of the MoBA runs."""
+    if backward == "default":
+        return [("moba", backend, "keep")]
+    modes = {"triton": [("moba-tri", None)], "tiles": [("moba-til", 0)]}
+    modes["both"] = modes["triton"] + modes["tiles"]
+    return [("moba", backend, "keep")] + [(label, backend, m) for label, m in modes[backward]]
+
+
+def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None = None, backward: str = "default"):
+    from moba_megatron.ops.varlen import get_backend
+
     torch.manual_seed(0)
     t = case.seqlen
+    d = case.d or d
     q = torch.randn(t, case.hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(t, case.hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(t, case.hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(q)
-    cu = torch.tensor([0, t], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, t], dtype=torch.int32)  # on the host, as MoBAAttention passes it: no sync
     rows = []
+    flops = moba_flops(t, case.chunk, case.topk, case.hq, d)
+    impl = get_backend(backend, q, k)
+    keep = impl.tiles_backward_min_chunk
+    for label, name, min_chunk in moba_variants(backend, backward):
+        impl.tiles_backward_min_chunk = keep if min_chunk == "keep" else min_chunk
 
-    def moba(q, k, v):
-        return moba_attn_varlen(q, k, v, cu, t, case.chunk, case.topk, backend=backend)
+        def moba(q, k, v):
+            return moba_attn_varlen(q, k, v, cu, t, case.chunk, case.topk, backend=name)
 
-    try:
-        t_fwd, t_all, peak = measure(moba, (q, k, v), dout, reps)
-        flops = moba_flops(t, case.chunk, case.topk, case.hq, d)
-        rows.append(("moba", t_fwd, t_all, peak, flops))
-    except torch.OutOfMemoryError:
-        rows.append(("moba", None, None, None, None))
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
+        try:
+            t_fwd, t_all, peak = measure(moba, (q, k, v), dout, reps)
+            rows.append((label, t_fwd, t_all, peak, flops))
+        except torch.OutOfMemoryError:
+            rows.append((label, None, None, None, None))
+        if profile and label == "moba":
+            from torch.profiler import ProfilerActivity, profile as prof
 
-        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            moba(q, k, v).backward(dout)
-            torch.cuda.synchronize()
-        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                moba(q, k, v).backward(dout)
+                torch.cuda.synchronize()
+            print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+        torch.cuda.empty_cache()
+    impl.tiles_backward_min_chunk = keep
     if case.dense:
-        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+        baselines = [("cudnn", SDPBackend.CUDNN_ATTENTION)]
+        if t <= 256 * K:  # FA2 is ~1.6x cuDNN here; past 256K it only costs device time
+            baselines.append(("fa2", SDPBackend.FLASH_ATTENTION))
+        for name, sdpa_backend in baselines:
             if case.hq != case.hkv:
                 continue
 
-            def dense(q, k, v, backend=backend):
-                with sdpa_kernel(backend):
+            def dense(q, k, v, sdpa_backend=sdpa_backend):
+                with sdpa_kernel(sdpa_backend):
                     x = [y.unsqueeze(0).transpose(1, 2) for y in (q, k, v)]
                     return torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True).transpose(1, 2)[0]
 
@@ -134,6 +163,7 @@ def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None =
                 rows.append((name, t_fwd, t_all, peak, dense_flops(t, case.hq, d)))
             except torch.OutOfMemoryError:
                 rows.append((name, None, None, None, None))
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -144,28 +174,34 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of MoBA fwd+bwd")
     parser.add_argument("--backend", default=None, help="MoBA backend (default: the best available)")
+    parser.add_argument("--backward", choices=["default", "triton", "tiles", "both"], default="default",
+                        help="also time MoBA with the routed backward forced to the Triton kernel or the tiles")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     cases = [c for c in CASES if not args.case or c.name in args.case]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, D={args.head_dim}, "
-          f"MoBA backend {args.backend or 'default'}")
-    header = f"{'case':<22}{'method':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GB':>9}{'fwd TF/s':>10}{'f+b TF/s':>10}"
-    print(header)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
+          f"MoBA backend {args.backend or 'default'}; 'vs cuDNN': fwd+bwd time over cuDNN dense's, same run")
+    header = (f"{'case':<22}{'method':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GB':>9}{'fwd TF/s':>10}"
+              f"{'f+b TF/s':>10}{'vs cuDNN':>10}")
+    print(header, flush=True)
     results = []
     for case in cases:
-        for name, t_fwd, t_all, peak, flops in run_case(case, args.head_dim, args.reps, args.profile, args.backend):
+        rows = run_case(case, args.head_dim, args.reps, args.profile, args.backend, args.backward)
+        cudnn = next((r[2] for r in rows if r[0] == "cudnn" and r[2] is not None), None)
+        for name, t_fwd, t_all, peak, flops in rows:
             if t_fwd is None:
-                print(f"{case.name:<22}{name:<8}{'out of memory':>30}")
+                print(f"{case.name:<22}{name:<10}{'out of memory':>30}")
                 results.append(dict(case=case.name, method=name, oom=True))
                 continue
+            ratio = f"{t_all / cudnn:.3f}" if cudnn else "-"
             print(
-                f"{case.name:<22}{name:<8}{t_fwd * 1e3:>9.1f}{t_all * 1e3:>12.1f}{peak / 1e9:>9.2f}"
-                f"{flops / t_fwd / 1e12:>10.0f}{3.5 * flops / t_all / 1e12:>10.0f}"
+                f"{case.name:<22}{name:<10}{t_fwd * 1e3:>9.1f}{t_all * 1e3:>12.1f}{peak / 1e9:>9.2f}"
+                f"{flops / t_fwd / 1e12:>10.0f}{3.5 * flops / t_all / 1e12:>10.0f}{ratio:>10}", flush=True
             )
             results.append(dict(case=case.name, method=name, fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_all * 1e3,
                                 peak_gb=peak / 1e9, fwd_tflops=flops / t_fwd / 1e12,
-                                fwd_bwd_tflops=3.5 * flops / t_all / 1e12))
-            torch.cuda.empty_cache()
+                                fwd_bwd_tflops=3.5 * flops / t_all / 1e12,
+                                vs_cudnn=t_all / cudnn if cudnn else None))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), results=results), f, indent=1)

@@ -1,10 +1,13 @@
-"""Every patch applies to the Megatron-LM files shipped in the installed megatron-core wheel,
-and the patched argument parser accepts the MoBA flags."""
+"""Every patch applies to the Megatron-LM files shipped in the installed megatron-core wheel (the
+files of Megatron-LM's tag core_v0.19.0), upstream's own argument code takes the MoBA flags through
+to a MoBATransformerConfig, and every spec the README documents for ``--spec`` resolves through
+megatron-core's own ``import_module``."""
 
 import argparse
 import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,58 @@ def test_config_patch_builds_a_moba_config_for_a_moba_spec(tmp_path):
     plain = parser.parse_args(common)
     plain.params_dtype = torch.float32
     assert type(utils.core_transformer_config_from_args(plain)).__name__ == "TransformerConfig"
+
+
+# The flags upstream's pretrain_gpt.py needs without TE and apex (patches/README.md), plus a model.
+UPSTREAM_ARGS = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "256",
+    "--max-position-embeddings", "256", "--micro-batch-size", "1", "--lr", "1e-4", "--train-iters", "10",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--mock-data", "--bf16",
+    "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion", "--no-persist-layer-norm", "--attention-dropout", "0",
+]
+
+
+@pytest.mark.parametrize("spec_name", ["moba_layer_spec", "moba_layer_local_spec"])
+def test_upstream_argument_code_builds_the_moba_config(tmp_path, monkeypatch, spec_name):
+    """Upstream's parse_args + validate_args + core_transformer_config_from_args, patched, on the
+    command line patches/README.md documents."""
+    from moba_megatron import MoBATransformerConfig
+
+    args_mod = patched_module(tmp_path, "megatron/training/arguments.py", PATCHES / "megatron-lm-core_r0.19-moba-args.patch")
+    utils = patched_module(tmp_path, "megatron/training/argument_utils.py", PATCHES / "megatron-lm-core_r0.19-moba-config.patch")
+    moba = ["--spec", "moba_megatron.megatron.specs", spec_name, "--moba-chunk-size", "64", "--moba-topk", "3",
+            "--moba-full-attn-layers", "2", "--moba-backend", "torch", "--moba-cp-comm", "allgather"]
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *UPSTREAM_ARGS, *moba])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    args = args_mod.parse_args()
+    args_mod.validate_args(args, {})
+    config = utils.core_transformer_config_from_args(args)
+    assert type(config) is MoBATransformerConfig
+    assert (config.moba_chunk_size, config.moba_topk, config.moba_full_attn_layers) == (64, 3, [2])
+    assert (config.moba_enabled, config.moba_backend, config.moba_cp_comm) == (True, "torch", "allgather")
+    assert config.num_layers == 2 and config.params_dtype.is_floating_point and config.bf16
+
+
+@pytest.mark.parametrize("spec_name", ["moba_layer_spec", "moba_layer_local_spec"])
+def test_documented_specs_resolve_through_megatron_import_module(spec_name):
+    """``--spec MODULE NAME`` is resolved by megatron-core's import_module (``vars(module)[NAME]``)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+
+    from moba_megatron.megatron import MoBAAttention
+
+    spec = import_module(("moba_megatron.megatron.specs", spec_name))
+    assert isinstance(spec, ModuleSpec)
+    assert spec.submodules.self_attention.submodules.core_attention is MoBAAttention
+
+
+def test_readme_specs_are_the_tested_ones():
+    """Every ``--spec moba_megatron...`` pair written in the docs is one the test above resolves."""
+    import re
+
+    root = PATCHES.parent
+    docs = (root / "README.md").read_text() + (PATCHES / "README.md").read_text()
+    pairs = set(re.findall(r"--spec (moba_megatron[\w.]*) (moba_\w+)", docs))
+    assert pairs and pairs <= {("moba_megatron.megatron.specs", n) for n in ("moba_layer_spec", "moba_layer_local_spec",
+                                                                            "moba_layer_te_spec")}

@@ -60,11 +60,20 @@ class MoBAAttention(MegatronModule):
         self.moba_enabled = config.moba_enabled
         self._cu_cache: dict = {}
 
-    def _uniform_cu_seqlens(self, batch: int, seqlen: int, device) -> torch.Tensor:
-        key = (batch, seqlen, device)
+    def _uniform_cu_seqlens(self, batch: int, seqlen: int) -> torch.Tensor:
+        # On the host: the op reads cu_seqlens there, and a device copy would cost a synchronization.
+        key = (batch, seqlen)
         if key not in self._cu_cache:
-            self._cu_cache = {key: torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)}
+            self._cu_cache = {key: torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32)}
         return self._cu_cache[key]
+
+    def _backend(self, full: bool) -> str | None:
+        """MoBA layers: ``moba_backend``. Full attention: the fastest dense kernel there is (None picks
+        it: cuDNN on GPUs), whatever ``moba_backend`` says (DESIGN §7), unless Megatron's
+        ``attention_backend`` names one (flash: FlashAttention-2; fused: cuDNN)."""
+        if not full:
+            return self.config.moba_backend
+        return _DENSE_BACKENDS.get(getattr(self.config.attention_backend, "name", None))
 
     def forward(
         self,
@@ -100,18 +109,19 @@ class MoBAAttention(MegatronModule):
         else:
             sq, b = query.shape[:2]
             q, k, v = (x.transpose(0, 1).reshape(b * sq, x.shape[2], x.shape[3]) for x in (query, key, value))
-            cu = self._uniform_cu_seqlens(b, sq, query.device)
+            cu = self._uniform_cu_seqlens(b, sq)
             max_seqlen = sq
         if cu.dtype != torch.int32:
             cu = cu.to(torch.int32)
-        if self.full_attention or not self.moba_enabled:
-            # Full causal attention through the same kernels: one block spans each sequence.
+        full = self.full_attention or not self.moba_enabled
+        if full:
+            # Full causal attention through the same op: one block spans each sequence.
             chunk, topk = max(1, int(max_seqlen)), 1
         else:
             chunk, topk = self.config.moba_chunk_size, self.config.moba_topk
         out = moba_attn_varlen(
             q, k, v, cu, int(max_seqlen), chunk, topk,
-            softmax_scale=self.softmax_scale, backend=self.config.moba_backend,
+            softmax_scale=self.softmax_scale, backend=self._backend(full),
         )
         if thd:
             return out.reshape(out.shape[0], -1)
@@ -123,16 +133,21 @@ class MoBAAttention(MegatronModule):
         sq, b = query.shape[:2]
         cp = self.config.context_parallel_size
         q, k, v = (x.transpose(0, 1).reshape(b * sq, x.shape[2], x.shape[3]) for x in (query, key, value))
-        if self.full_attention or not self.moba_enabled:
+        full = self.full_attention or not self.moba_enabled
+        if full:
             # Dense causal attention as MoBA with one block per CP chunk, every block selected.
             chunk, topk, comm = sq // 2, 2 * cp, "allgather"
         else:
             chunk, topk, comm = self.config.moba_chunk_size, self.config.moba_topk, self.config.moba_cp_comm
         out = moba_attn_cp(
             q, k, v, b, sq * cp, chunk, topk, group=self.cp_group, comm=comm,
-            softmax_scale=self.softmax_scale, backend=self.config.moba_backend,
+            softmax_scale=self.softmax_scale, backend=self._backend(full),
         )
         return out.view(b, sq, -1).transpose(0, 1).contiguous()
+
+
+# megatron's AttnBackend names -> the op's backend for full-attention layers (others: the fastest).
+_DENSE_BACKENDS = {"flash": "torch_flash", "fused": "cudnn"}
 
 
 def _context_parallel_group(pg_collection, size: int):

@@ -60,9 +60,14 @@ def get_gpt_decoder_block_with_moba_spec(config, use_transformer_engine: bool | 
     return block
 
 
-def __getattr__(name):
-    # ``--spec moba_megatron.megatron.specs moba_layer_spec`` in upstream Megatron-LM imports a spec
-    # object by name: build it on first access (TE flavour when TE imports).
-    if name == "moba_layer_spec":
-        return get_gpt_layer_with_moba_spec()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Spec objects by name, for upstream Megatron-LM's ``--spec MODULE NAME`` (megatron-core's
+# ``spec_utils.import_module`` reads ``vars(module)[NAME]``, so they must be real attributes):
+#   --spec moba_megatron.megatron.specs moba_layer_spec        TE flavour when TE imports, else local
+#   --spec moba_megatron.megatron.specs moba_layer_local_spec  local (``--transformer-impl local``)
+#   --spec moba_megatron.megatron.specs moba_layer_te_spec     TE flavour (only where TE imports)
+moba_layer_local_spec = get_gpt_layer_with_moba_spec(use_te=False)
+if te_available():
+    moba_layer_te_spec = get_gpt_layer_with_moba_spec(use_te=True)
+    moba_layer_spec = moba_layer_te_spec
+else:
+    moba_layer_spec = moba_layer_local_spec

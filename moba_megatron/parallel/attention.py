@@ -24,8 +24,7 @@ import torch.distributed as dist
 
 from ..ops.moba import routed
 from ..ops.moba.gating import block_key_sums, select_blocks
-from ..ops.moba.routing import SelectionCounts
-from ..ops.moba.rows import plan_rows, put_rows, rows_backward, rows_forward
+from ..ops.moba.routing import route_rows, route_selection
 from ..ops.moba.validate import check_positive_int, check_qkv, check_scale
 from ..ops.varlen import get_backend
 from .cost import choose_cp_comm
@@ -86,21 +85,22 @@ class MoBAContextParallelFunction(torch.autograd.Function):
         slots = min(topk - 1, shard.max_candidates)
         ctx.shard, ctx.scale, ctx.backend, ctx.group, ctx.stats = shard, scale, backend, group, stats
         ctx.routes = ctx.rows = None
-        if slots > 0:  # gate first: the own-block call below then hides the waits (counts, K/V gathers)
+        ctx.kernels = kernels = routed.Kernels.choose(backend, q, chunk)
+        if slots > 0:  # gate first: the own-block call below then hides the waits (K/V gathers)
             sums = gather_block_sums(block_key_sums(k, shard.local), shard, group)
             sent = sums.numel() // cp * sums.element_size() * (cp - 1)
-            sel = select_blocks(q, sums, shard, slots)
+            sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
             if mode == "allgather":
-                sel = shard.gathered_blocks(sel)
-                counts = SelectionCounts(sel, shard.gathered.num_blocks)
+                ctx.routes = route_selection(shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2])
+                del sel
+                if not (kernels.fused and kernels.fused_backward):
+                    ctx.routes.start_host_copy()
                 gathering = _GatheredKeys(k, v, shard, group)
         out, lse = backend.forward(q, k, v, cu, cu, chunk, chunk, True, scale)
         if slots > 0:
             if mode == "allgather":
                 keys, n = gathering.wait(), gathering.bytes_sent
-                ctx.routes = routed.plan(sel, counts, keys, q, backend)
-                del sel
-                routed.forward(q, out, lse, ctx.routes, keys, scale, backend)
+                routed.forward(q, out, lse, ctx.routes, keys, scale, backend, kernels)
                 del keys, gathering
                 work = ctx.routes.num_rows() if stats is not None else 0
             else:
@@ -122,8 +122,10 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             keys, sent = gathering.wait(), gathering.bytes_sent
             del gathering
             dk_all, dv_all = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (keys.k, keys.v))
-            routed.backward(dout, q, out, lse, ctx.routes, keys, scale, backend, dq, dk_all, dv_all)
-            del keys
+            dq_acc = dq.float()
+            routed.backward(dout, q, out, lse, ctx.routes, keys, scale, backend, ctx.kernels, dq_acc, dk_all, dv_all)
+            dq = dq_acc.to(q.dtype)
+            del keys, dq_acc
             (dk_mine, n_k), (dv_mine, n_v) = (
                 reduce_scatter(x.view(shard.cp_size, *k.shape), group) for x in (dk_all, dv_all)
             )  # this rank's blocks, summed over the ranks whose queries chose them
@@ -147,7 +149,7 @@ def _routed_forward(ctx, q, k, v, out, lse, sel, shard: ShardBlocks, slots, scal
     kv_head = rows.token_head()[1] // (hq // hkv)
     q_flat = q.view(-1, d)
     nloc = shard.local_blocks
-    fused = routed.fused_kernels_apply(backend, q, shard.chunk)
+    kernels = ctx.kernels
     keys = routed.KeyBlocks(k, v, shard.local)
     grid_out = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) partials
     grid_lse = torch.full((t * hq * slots + 1,), float("-inf"), device=q.device)
@@ -159,20 +161,21 @@ def _routed_forward(ctx, q, k, v, out, lse, sel, shard: ShardBlocks, slots, scal
         cells = rows.cell[part][by_owner]
         recv_q, n1 = route(q_flat[rows.token_major(cells)])
         recv_keys, n2 = route((kv_head[part] * nloc + block[part])[by_owner])
-        plan = plan_rows(recv_keys, hkv * nloc, backend.tile_width, shard.chunk, d)
-        o_recv, l_recv = rows_forward(backend, plan, recv_q, keys, scale, fused)
+        received = route_rows(recv_keys, hkv, nloc)
+        o_recv, l_recv = routed.attend(recv_q[:, None], received, received.groups[0], keys, scale, backend, kernels)
         del recv_q
-        o_rows, n3 = route(o_recv, back=True)  # in the order of `cells`
-        l_rows, n4 = route(l_recv, back=True)
+        n = len(recv_keys)
+        o_rows, n3 = route(o_recv[:n], back=True)  # in the order of `cells`
+        l_rows, n4 = route(l_recv[:n], back=True)
         del o_recv, l_recv
-        put_rows(grid_out, cells, o_rows)
+        routed.put_rows(grid_out, cells, o_rows)
         grid_lse[cells] = l_rows
         del o_rows, l_rows
-        ctx.routed.append((cells, route, plan))
+        ctx.routed.append((cells, route, received))
         sent += n1 + n2 + n3 + n4
-        work += len(recv_keys)
-    routed.merge(out, lse, 0, hq, grid_out, grid_lse, slots, fused)
-    ctx.rows, ctx.slots, ctx.fused = rows, slots, fused
+        work += n
+    routed.merge(out, lse, 0, hq, grid_out, grid_lse, slots, kernels.fused)
+    ctx.rows, ctx.slots = rows, slots
     return sent, work
 
 
@@ -181,13 +184,12 @@ def _routed_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv):
     K/V gradients stay on them."""
     shard, scale, backend, rows, slots = ctx.shard, ctx.scale, ctx.backend, ctx.rows, ctx.slots
     t, hq, d = q.shape
-    hkv = k.shape[1]
     keys = routed.KeyBlocks(k, v, shard.local)
-    dks, dvs = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in keys.block_major)
-    grid_dq = q.new_zeros(t * hq * slots + 1, d)  # per (token, head, slot) dq partials
+    dk_acc, dv_acc = dk.float(), dv.float()
+    dq_acc = dq.float()
     q_flat, dout_flat, out_flat, lse_flat = q.view(-1, d), dout.view(-1, d), out.view(-1, d), lse.view(-1)
     sent, work = 0, 0
-    for cells, route, plan in ctx.routed:
+    for cells, route, received in ctx.routed:
         tm, hm = rows.token_major(cells), rows.head_major(cells)
         # q rows travel again rather than being kept from the forward: a layer's
         # received rows are (topk - 1) x its queries, too many to hold until the backward.
@@ -195,19 +197,17 @@ def _routed_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv):
         recv_dout, n1 = route(dout_flat[tm])
         recv_out, n2 = route(out_flat[tm])
         recv_lse, n3 = route(lse_flat[hm])
-        dq_recv = rows_backward(backend, plan, recv_dout, recv_q, recv_out, recv_lse, keys, scale, ctx.fused, dks, dvs)
+        dq_recv = torch.zeros(len(recv_q), 1, d, dtype=torch.float32, device=q.device)
+        routed.backward(recv_dout[:, None], recv_q[:, None], recv_out[:, None], recv_lse[None], received, keys,
+                        scale, backend, ctx.kernels, dq_recv, dk_acc, dv_acc)
         del recv_q, recv_dout, recv_out, recv_lse
-        dq_rows, n4 = route(dq_recv, back=True)
-        put_rows(grid_dq, cells, dq_rows)
+        dq_rows, n4 = route(dq_recv[:, 0].to(q.dtype), back=True)
+        dq_acc.view(-1, d).index_add_(0, tm, dq_rows.float())
         del dq_recv, dq_rows
         sent += n0 + n1 + n2 + n3 + n4
-        work += len(plan.order)
-    dq = (dq.float() + grid_dq[:-1].view(t, hq, slots, d).sum(2, dtype=torch.float32)).to(q.dtype)
-    dk_tokens, dv_tokens = keys.to_tokens((dks, dvs), hkv)
-    dk = (dk.float() + dk_tokens).to(k.dtype)
-    dv = (dv.float() + dv_tokens).to(v.dtype)
+        work += received.order.numel()
     _record(ctx.stats, "backward", sent, work)
-    return dq, dk, dv
+    return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
 _ROUND_ROWS = 1 << 24  # routed rows per exchange round: bounds the rows in flight (~4 GiB at D=128, bf16)

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moba-full-attn-layers", type=int, nargs="*", default=[])
     g.add_argument("--moba-disable", action="store_false", dest="moba_enabled", help="full attention in every layer")
     g.add_argument("--moba-backend", default=None)
+    g.add_argument("--attention-backend", choices=["auto", "flash", "fused"], default="auto",
+                   help="dense kernel of the full-attention layers: auto (the fastest: cuDNN on GPUs), "
+                        "flash (FlashAttention-2) or fused (cuDNN)")
     g.add_argument("--moba-cp-comm", choices=["auto", "routed", "allgather"], default="auto",
                    help="how context parallelism exchanges MoBA blocks")
 

@@ -75,6 +75,8 @@ def transformer_config(args) -> MoBATransformerConfig:
     ffn = args.ffn_hidden_size
     if ffn is None:
         ffn = max(64, int(8 * args.hidden_size / 3) // 64 * 64) if args.swiglu else 4 * args.hidden_size
+    from megatron.core.transformer.enums import AttnBackend
+
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # weights, and activations between stages
     try:
         return MoBATransformerConfig(
@@ -101,6 +103,7 @@ def transformer_config(args) -> MoBATransformerConfig:
             moba_enabled=args.moba_enabled,
             moba_backend=args.moba_backend,
             moba_cp_comm=args.moba_cp_comm,
+            attention_backend=AttnBackend[args.attention_backend],
             **_recompute(args),
         )
     except (ValueError, AssertionError) as e:

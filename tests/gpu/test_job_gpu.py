@@ -28,10 +28,11 @@ def test_distributed_optimizer_resume_and_reshard(tmp_path):
     pretrain(*args, "--save", str(tmp_path), "--exit-interval", "4")
     resumed = losses(pretrain(*args, "--load", str(tmp_path)))
     assert sorted(resumed) == [5, 6, 7, 8]
-    # Same layout: the straight run is deterministic on these kernels, and the resumed one must
-    # log the same losses (the Adam step counts and moments come back exactly).
+    # Same layout: the resumed run must log the straight run's losses (the Adam step counts and
+    # moments come back exactly). The routed backward adds dq with fp32 atomics, whose order varies
+    # from run to run: allow that rounding (~1e-7), far below what a lost optimizer state moves (~1e-3).
     for it in (5, 6, 7, 8):
-        assert resumed[it] == straight[it], (it, resumed, straight)
+        assert close(resumed[it], straight[it], 1e-5), (it, resumed, straight)
     # The DP=2 checkpoint (sharded optimizer state included) loads at TP=2 and at CP=2.
     for layout in ("--tensor-model-parallel-size", "--context-parallel-size"):
         resharded = losses(pretrain(*args, "--load", str(tmp_path), layout, "2"))

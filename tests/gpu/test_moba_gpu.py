@@ -59,3 +59,16 @@ def test_rerun_gives_the_same_result():
     assert_close(o1, o2, 1e-2, 1e-2, "out rerun")
     for a, b in zip(g1, g2):
         assert_close(a, b, 1e-2, 1e-2, "grad rerun")
+
+
+@pytest.mark.parametrize("min_chunk", [None, 0])  # the routed backward in Triton, or on cuDNN tiles
+@pytest.mark.parametrize("lens,chunk,topk", [([6000], 1024, 3), ([4096, 3000], 128, 8), ([2048], 16, 64)])
+def test_routed_backward_modes(monkeypatch, min_chunk, lens, chunk, topk):
+    from moba_megatron.ops.varlen import BACKENDS
+
+    monkeypatch.setattr(BACKENDS["cudnn"], "tiles_backward_min_chunk", min_chunk)
+    check(lens, chunk, topk, 8, 2, 128, torch.bfloat16, "cudnn")
+
+
+def test_head_dim_64_with_many_query_heads():
+    check([5000], 256, 4, 12, 12, 64, torch.bfloat16, None)

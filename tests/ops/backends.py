@@ -36,18 +36,20 @@ class PaddedTorch(PaddedTiles, TorchBackend):
 
 
 class FusedOnTorch(TorchBackend):
-    """Own blocks and the kernel backward in plain PyTorch; the routed forward and the backward's
-    row gathers in the Triton kernels (unpadded varlen tiles)."""
+    """Own blocks in plain PyTorch; the gate and the routed forward and backward in the Triton
+    kernels (the CUDA backends' path for blocks below their tiles_backward_min_chunk)."""
 
     name = "fused_torch"
     triton_routes = True
 
 
 class FusedOnPaddedTorch(PaddedTorch):
-    """The same with padded tiles (the cuDNN path's shape): gathers zero the padding rows' dO."""
+    """The Triton gate and routed forward, and the routed backward on padded tiles (the cuDNN path
+    for large blocks) whose rows come from the Triton gather: it zeroes the padding rows' dO."""
 
     name = "fused_padded_torch"
     triton_routes = True
+    tiles_backward_min_chunk = 0
 
 
 def register(width: int = 32) -> None:

@@ -6,10 +6,10 @@ attended non-causally and (4) the partial outputs merged by log-sum-exp (routed.
 Backward: each part's kernel backward runs against the *merged* output and LSE, which gives the
 exact gradient of the single softmax over the union of selected keys.
 
-Host synchronizations: ``moba_attn_varlen`` reads ``cu_seqlens`` once. The per-block selection
-counts (kernel launch shapes depend on them) are copied to the host during the forward and read
-where the tile calls are planned: in the backward on CUDA backends (the fused forward needs no
-tiles, so the forward never waits), in the forward elsewhere.
+Host synchronizations: none on CUDA backends once the block layout of a ``cu_seqlens`` is cached
+(pass ``cu_seqlens`` as a CPU tensor, or the op reads it once per call). The Triton kernels launch
+from device-side run bounds; only backends whose routed calls take tiles read the run sizes on the
+host (copied without blocking in the forward, read where the tiles are planned).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..varlen import VarlenBackend, get_backend
 from . import routed
 from .gating import block_key_sums, select_blocks
 from .layout import BlockLayout, block_layout
-from .routing import SelectionCounts
+from .routing import route_selection
 from .validate import check_max_seqlen, check_positive_int, check_qkv, check_scale, host_cu_seqlens
 
 
@@ -30,19 +30,19 @@ class MoBAFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         slots = min(topk - 1, layout.max_candidates)
         mb = layout.max_block_len
-        if slots > 0:  # gate first: the own-block call below then hides the wait for counts
-            sel = select_blocks(q, block_key_sums(k, layout), layout, slots)
-            counts = SelectionCounts(sel, layout.num_blocks)
-        out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)
+        kernels = routed.Kernels.choose(backend, q, layout.chunk)
         routes = None
         if slots > 0:
-            keys = routed.KeyBlocks(k, v, layout)
-            routes = routed.plan(sel, counts, keys, q, backend)
+            sel = select_blocks(q, block_key_sums(k, layout), layout, slots, fused=backend.triton_routes)
+            routes = route_selection(sel, layout.num_blocks, k.shape[1], q.shape[-1])
             del sel
-            routed.forward(q, out, lse, routes, keys, scale, backend)
-            del keys  # its block-major copies (tiles path) are not kept for the backward
+            if not (kernels.fused and kernels.fused_backward):
+                routes.start_host_copy()  # the tile calls need the run sizes on the host
+        out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)
+        if routes is not None:
+            routed.forward(q, out, lse, routes, routed.KeyBlocks(k, v, layout), scale, backend, kernels)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.routes, ctx.scale, ctx.backend = layout, routes, scale, backend
+        ctx.layout, ctx.routes, ctx.scale, ctx.backend, ctx.kernels = layout, routes, scale, backend, kernels
         return out
 
     @staticmethod
@@ -54,9 +54,12 @@ class MoBAFunction(torch.autograd.Function):
         dq, dk, dv = backend.backward(
             dout, q, k, v, out, lse, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale
         )
-        if routes is not None and routes.groups:
-            keys = routed.KeyBlocks(k, v, layout)
-            routed.backward(dout, q, out, lse, routes, keys, scale, backend, dq, dk, dv)
+        if routes is not None:
+            dq_acc = dq.float()
+            dk, dv = dk.contiguous(), dv.contiguous()
+            routed.backward(dout, q, out, lse, routes, routed.KeyBlocks(k, v, layout), scale, backend, ctx.kernels,
+                            dq_acc, dk, dv)
+            dq = dq_acc.to(q.dtype)
         return dq, dk, dv, None, None, None, None
 
 

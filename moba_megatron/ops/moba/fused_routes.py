@@ -1,20 +1,19 @@
-"""MoBA's routed forward in Triton: the queries that chose a block attend it straight out of q, k, v,
-and the partial results are merged with the own-block ones in one pass; and the backward's
-per-call row gathers as one kernel.
+"""MoBA's routed attention in Triton: the rows that chose a block attend it straight out of q, k, v
+(forward and backward), the partial results are merged with the own-block ones in one pass, and,
+for the backends whose backward runs on tiles, the tiles' rows are gathered in one launch.
 
-The tiles path (routing.py + a varlen backend) copies every selected query row into tile order,
-runs the kernel and scatters the partial results back into the merge grid. These kernels read each
-query row through the head group's sorted row order (``routing.plan_groups``) and write its partial
-output and LSE at the row's own place in the grid, so nothing is copied outside them.
+Rows come sorted into *runs* (``routing.Routes``): the rows of one run attend one key block of one
+kv head. A row id ``r`` names its cell and slot, ``cell = r // slots`` with ``cell = t * heads + h``
+(token t, head h of the row view). Nothing here waits for the host: run bounds live on the device,
+and a forward program finds its run by binary search over the runs' tile counts.
 
-Rows sorted by (head, block) form one *run* per (query head, block): the queries of that head that
-chose that block. A program takes up to ``BM`` rows of one run against the block's keys. Tile tables
-are built on the device from the per-run counts, so nothing waits for the host.
-
-Only the forward is fused (the backward's tiles are gathered by ``gather_rows`` in one launch per
-call instead of eight): a Triton backward (dK/dV per block over its run, dq per row tile) was
-measured at 1.3x (block 2048 / top-k 3) and 1.9x (4096 / 12) the time of the cuDNN tiles' backward
-including their copies, on an H100 (benchmarks/RESULTS.md), so the backward stays on the tiles.
+- forward: one program per tile of up to ``BM`` rows of a run, against the block's keys; it writes
+  the rows' partial output and LSE at their cells' places in the head group's merge grid.
+- backward: one program per (kv head, block, ``BN`` keys of it) walks every row that chose the
+  block: dK and dV of those keys stay in registers and are added once into the own-block gradients
+  (no atomics, no fp32 copies of K/V). Each row's dq is added into an fp32 accumulator with atomics:
+  from that kernel for small blocks, from a second one walking the block's keys per tile of rows
+  for large blocks.
 """
 
 from __future__ import annotations
@@ -31,6 +30,14 @@ _LOG2E = 1.4426950408889634
 # on an H100 at block 2048 / top-k 3 and 4096 / 12 (benchmarks/tune_fused_routes.py); the second
 # needs less shared memory, for GPUs that cannot hold the first.
 FORWARD_CONFIGS = [(128, 128, 8, 3), (64, 64, 4, 2)]
+# (rows per step, keys per program, warps, pipeline stages) of the backward's dK/dV kernel, and
+# (rows per program, keys per step, warps, stages) of its dq kernel, tried in order.
+# Blocks of at most 256 keys (``_SMALL_BLOCKS``) take other dK/dV tiles than larger ones (H200, block
+# 128 / top-k 8 and 512 / 3; benchmarks/tune_fused_routes.py).
+BACKWARD_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
+BACKWARD_CONFIGS_SMALL_BLOCKS = [(32, 128, 8, 2), (32, 64, 4, 1)]
+_SMALL_BLOCKS = 256
+BACKWARD_DQ_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 MERGE_ROWS = 32
 GATHER_ROWS = 64
 _config_in_use: dict[tuple, tuple] = {}
@@ -44,21 +51,49 @@ def supports(q: torch.Tensor, chunk: int) -> bool:
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, L, order, tile_run, tile_row0, tile_rows, block_start,
-                    stride_qt, stride_qh, stride_kt, stride_kh, nh, h0, group, slots, nb, scale_log2,
-                    CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    tile = tl.program_id(0)
-    count = tl.load(tile_rows + tile)
-    if count > 0:
-        run = tl.load(tile_run + tile)
-        offs = tl.arange(0, BM)
-        mask = offs < count
-        rid = tl.load(order + tl.load(tile_row0 + tile) + offs, mask=mask, other=0)  # grid row: (t, head, slot)
-        t = rid // slots // nh
-        h = h0 + run // nb
+def _row_place(rid, slots, heads):
+    cell = rid // slots
+    return cell // heads, cell % heads, rid % slots
+
+
+@triton.jit
+def _find_run(tile_ends, nruns, p):
+    """The run whose tiles hold program ``p``: the first r with tile_ends[r] > p (nruns if none)."""
+    lo = 0
+    hi = nruns
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(tile_ends + mid) <= p:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _tile_of_run(tile_ends, run_start, order, r, run, p, BM: tl.constexpr):
+    """Program ``p``'s rows: a tile of run ``run``, the ``r``-th run of ``tile_ends``. Returns the
+    rows' ids and which of the ``BM`` places hold one."""
+    before = tl.load(tile_ends + r - 1, mask=r > 0, other=0)
+    row0 = tl.load(run_start + run) + (p - before) * BM
+    offs = tl.arange(0, BM)
+    mask = row0 + offs < tl.load(run_start + run + 1)
+    return tl.load(order + row0 + offs, mask=mask, other=0), mask
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, O, L, order, run_start, tile_ends, block_start,
+                    stride_qt, stride_qh, stride_kt, stride_kh, run0, nruns, heads, h0, nh, slots, nb, per_kv,
+                    scale_log2, CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    p = tl.program_id(0)
+    r = _find_run(tile_ends, nruns, p)
+    if r < nruns:
+        run = run0 + r
+        rid, mask = _tile_of_run(tile_ends, run_start, order, r, run, p, BM)
+        t, h, s = _row_place(rid, slots, heads)
         d = tl.arange(0, D)
-        q = tl.load(Q + t[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mask[:, None], other=0.0)
-        kv_base = (h // group) * stride_kh + d[None, :]
+        q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=mask[:, None], other=0.0)
+        kv_base = (run // per_kv) * stride_kh + d[None, :]
         key0 = tl.load(block_start + run % nb)
         m = tl.full([BM], float("-inf"), tl.float32)
         l = tl.zeros([BM], tl.float32)
@@ -66,16 +101,110 @@ def _forward_kernel(Q, K, V, O, L, order, tile_run, tile_row0, tile_rows, block_
         for n0 in range(0, CHUNK, BN):
             keys = (key0 + n0 + tl.arange(0, BN))[:, None] * stride_kt + kv_base
             k = tl.load(K + keys)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            m_new = tl.maximum(m, tl.max(s, 1))
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
+            prob = tl.exp2(scores - m_new[:, None])
+            l = l * alpha + tl.sum(prob, 1)
             v = tl.load(V + keys)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
             m = m_new
-        tl.store(O + rid[:, None] * D + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=mask[:, None])
-        tl.store(L + rid, (m + tl.log2(l)) / 1.4426950408889634, mask=mask)
+        g = (t * nh + h - h0) * slots + s  # the row's place in the head group's merge grid
+        tl.store(O + g[:, None] * D + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=mask[:, None])
+        tl.store(L + g, (m + tl.log2(l)) / 1.4426950408889634, mask=mask)
+
+
+@triton.jit
+def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, block_start,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
+                     num_tokens, heads, slots, nb, subgroups, scale, scale_log2,
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_DQ: tl.constexpr):
+    """dK and dV of ``BN`` keys of one block of one kv head, over every row that chose the block;
+    with ``WITH_DQ`` also the rows' dq against these keys (added with atomics)."""
+    kvh = tl.program_id(0) // nb
+    block = tl.program_id(0) % nb
+    first_run = kvh * subgroups * nb + block
+    rows = tl.full([], 0, tl.int64)
+    for sub in range(subgroups):
+        run = first_run + sub * nb
+        rows += tl.load(run_start + run + 1) - tl.load(run_start + run)
+    if rows > 0:  # blocks nobody chose (partial last blocks among them) are left alone
+        d = tl.arange(0, D)
+        keys = tl.load(block_start + block) + tl.program_id(1) * BN + tl.arange(0, BN)
+        k = tl.load(K + keys[:, None] * stride_kt + kvh * stride_kh + d[None, :])
+        v = tl.load(V + keys[:, None] * stride_kt + kvh * stride_kh + d[None, :])
+        dk = tl.zeros([BN, D], tl.float32)
+        dv = tl.zeros([BN, D], tl.float32)
+        offs = tl.arange(0, BM)
+        for sub in range(subgroups):
+            run = first_run + sub * nb
+            end = tl.load(run_start + run + 1)
+            for row0 in range(tl.load(run_start + run), end, BM):
+                mask = row0 + offs < end
+                rid = tl.load(order + row0 + offs, mask=mask, other=0)
+                t, h, _ = _row_place(rid, slots, heads)
+                src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
+                q = tl.load(Q + src, mask=mask[:, None], other=0.0)
+                do = tl.load(DO + src, mask=mask[:, None], other=0.0)
+                lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
+                delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
+                prob = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None] * 1.4426950408889634)
+                prob = tl.where(mask[:, None], prob, 0.0)
+                dv += tl.dot(tl.trans(prob.to(do.dtype)), do)
+                ds = prob * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                if WITH_DQ:
+                    dq = tl.dot(ds.to(k.dtype), k) * scale
+                    tl.atomic_add(DQ + t[:, None] * stride_dqt + h[:, None] * stride_dqh + d[None, :], dq,
+                                  mask=mask[:, None], sem="relaxed")
+        dst = keys[:, None] * stride_dkt + kvh * stride_dkh + d[None, :]
+        tl.store(DK + dst, (tl.load(DK + dst).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
+        tl.store(DV + dst, (tl.load(DV + dst).to(tl.float32) + dv).to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, order, run_start, tile_ends, block_start,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_dqt, stride_dqh,
+                        nruns, num_tokens, heads, slots, nb, per_kv, scale, scale_log2,
+                        CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """dq of a tile of up to ``BM`` rows of one run against its whole block (the backward of
+    blocks too large for one program's keys): one atomic add per row element."""
+    p = tl.program_id(0)
+    run = _find_run(tile_ends, nruns, p)
+    if run < nruns:
+        rid, mask = _tile_of_run(tile_ends, run_start, order, run, run, p, BM)
+        t, h, _ = _row_place(rid, slots, heads)
+        d = tl.arange(0, D)
+        src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
+        q = tl.load(Q + src, mask=mask[:, None], other=0.0)
+        do = tl.load(DO + src, mask=mask[:, None], other=0.0)
+        lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
+        delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
+        kv_base = (run // per_kv) * stride_kh + d[None, :]
+        key0 = tl.load(block_start + run % nb)
+        dq = tl.zeros([BM, D], tl.float32)
+        for n0 in range(0, CHUNK, BN):
+            keys = (key0 + n0 + tl.arange(0, BN))[:, None] * stride_kt + kv_base
+            k = tl.load(K + keys)
+            v = tl.load(V + keys)
+            prob = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None] * 1.4426950408889634)
+            ds = prob * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.atomic_add(DQ + t[:, None] * stride_dqt + h[:, None] * stride_dqh + d[None, :], dq * scale,
+                      mask=mask[:, None], sem="relaxed")
+
+
+@triton.jit
+def _row_dot_kernel(A, B, OUT, cells, heads, num_tokens, stride_t, stride_h, D: tl.constexpr, BR: tl.constexpr):
+    """``OUT[h * T + t] = a[t, h] . b[t, h]`` in fp32 (the backward's dO . O)."""
+    c = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mask = c < cells
+    t = c // heads
+    h = c % heads
+    src = t[:, None] * stride_t + h[:, None] * stride_h + tl.arange(0, D)[None, :]
+    a = tl.load(A + src, mask=mask[:, None], other=0.0).to(tl.float32)
+    b = tl.load(B + src, mask=mask[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + h * num_tokens + t, tl.sum(a * b, 1), mask=mask)
 
 
 @triton.jit
@@ -107,14 +236,12 @@ def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
 
 
 @triton.jit
-def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, order, sorted_rows, valid, n, T, stride_t, stride_h, nh, h0, slots,
+def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, order, sorted_rows, valid, n, T, stride_t, stride_h, heads, slots,
                    HAS_VALID: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     mask = rows < n
     rid = tl.load(order + tl.load(sorted_rows + rows, mask=mask, other=0), mask=mask, other=0)
-    cell = rid // slots
-    t = cell // nh
-    h = h0 + cell % nh
+    t, h, _ = _row_place(rid, slots, heads)
     d = tl.arange(0, D)
     src = t[:, None] * stride_t + h[:, None] * stride_h + d[None, :]
     dst = rows[:, None] * D + d[None, :]
@@ -128,50 +255,95 @@ def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, order, sorted_rows, valid, n,
     tl.store(LR + rows, tl.load(LSE + h * T + t, mask=mask), mask=mask)
 
 
-def _tiles(run_counts: torch.Tensor, rows: int, block_m: int):
-    """Per tile of at most ``block_m`` rows of one run: (run, first sorted row, rows), int32, sized
-    for the most tiles ``rows`` rows could need (tiles past the last have 0 rows)."""
-    runs = run_counts.numel()
-    run_start = run_counts.cumsum(0) - run_counts
-    per_run = (run_counts + block_m - 1) // block_m
-    ends = per_run.cumsum(0)
-    index = torch.arange(-(-rows // block_m) + runs, device=run_counts.device)
-    run = torch.searchsorted(ends, index, right=True)
-    safe = run.clamp(max=runs - 1)
-    row0 = run_start[safe] + (index - (ends[safe] - per_run[safe])) * block_m
-    count = torch.where(run < runs, torch.clamp(run_start[safe] + run_counts[safe] - row0, max=block_m), 0)
-    return tuple(x.to(torch.int32) for x in (safe, row0, count))
-
-
-def routed_forward(q, k, v, order, run_counts, h0: int, nh: int, block_starts, chunk: int, slots: int, scale: float):
-    """Partial output and LSE of every selected row of query heads ``[h0, h0 + nh)``, in merge-grid
-    layout: ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (-inf where a slot is
-    unused; the last row is spare). ``order`` holds the grid rows sorted by (head, block), the
-    selected ones first; ``run_counts [nh * blocks]`` (device) how many rows each run has."""
-    t, hq, d = q.shape
-    out = q.new_zeros(t * nh * slots + 1, d)
-    lse = torch.full((out.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
-    if order.numel() == 0:
-        return out, lse
-    args = (q, k, v, out, lse, order)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    scalars = (nh, h0, hq // k.shape[1], slots, block_starts.numel(), scale * _LOG2E)
-    key = (q.device, q.dtype, d, chunk)
-    for config in [_config_in_use[key]] if key in _config_in_use else FORWARD_CONFIGS:
-        bm, bn, warps, stages = config
-        tile_run, tile_row0, tile_rows = _tiles(run_counts, order.numel(), bm)
+def _launch(key, configs, launch):
+    """Run ``launch(config)`` with the first configuration this GPU can hold, and remember it."""
+    for config in [_config_in_use[key]] if key in _config_in_use else configs:
         try:
-            _forward_kernel[(tile_run.numel(),)](
-                *args, tile_run, tile_row0, tile_rows, block_starts, *strides, *scalars,
-                CHUNK=chunk, D=d, BM=bm, BN=math.gcd(bn, chunk), num_warps=warps, num_stages=stages,
-            )
+            launch(config)
         except triton.runtime.errors.OutOfResources:
-            if config == FORWARD_CONFIGS[-1]:
+            if config == configs[-1]:
                 raise
             continue
         _config_in_use[key] = config
-        break
+        return
+
+
+def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float):
+    """Partial output and LSE of every row of head group ``grp`` (``routing.HeadGroup``), in merge-grid
+    layout: ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (-inf where a slot is
+    unused; the last row is spare). ``q [T, heads, D]`` is the rows' view (``routes.heads``)."""
+    t, _, d = q.shape
+    nh, slots = grp.h1 - grp.h0, routes.slots
+    out = q.new_zeros(t * nh * slots + 1, d)
+    lse = torch.full((out.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
+    nruns = grp.run1 - grp.run0
+    if nruns == 0 or routes.order.numel() == 0:
+        return out, lse
+    counts = routes.run_start[grp.run0 + 1 : grp.run1 + 1] - routes.run_start[grp.run0 : grp.run1]
+    scalars = (grp.run0, nruns, routes.heads, grp.h0, nh, slots, routes.num_blocks, routes.subgroups * routes.num_blocks,
+               scale * _LOG2E)
+
+    def launch(config):
+        bm, bn, warps, stages = config
+        tile_ends = torch.cumsum(torch.div(counts + bm - 1, bm, rounding_mode="floor"), 0)
+        programs = -(-t * nh * slots // bm) + nruns  # at least the tiles there are; the rest exit at once
+        _forward_kernel[(programs,)](
+            q, k, v, out, lse, routes.order, routes.run_start, tile_ends, block_starts,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), *scalars,
+            CHUNK=chunk, D=d, BM=bm, BN=math.gcd(bn, chunk), num_warps=warps, num_stages=stages,
+        )
+
+    _launch(("forward", q.device, q.dtype, d, chunk), FORWARD_CONFIGS, launch)
     return out, lse
+
+
+def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, scale: float, dq, dk, dv) -> None:
+    """Adds every routed row's gradients in place: dq into ``dq`` (fp32, shaped like q) and dK, dV
+    into ``dk, dv`` (any dtype, shaped like k). ``dout, q, out [T, heads, D]`` share strides and
+    ``lse [heads, T]`` is the merged LSE the rows' probabilities are taken against.
+
+    Blocks of at most two programs' keys get their dq in the dK/dV kernel (at most two atomic adds
+    per row element); larger blocks in a second kernel per tile of rows, so the atomics do not grow
+    with the block."""
+    t, heads, d = q.shape
+    assert dout.stride() == q.stride() and dq.dtype == torch.float32 and dk.stride() == dv.stride()
+    if routes.order.numel() == 0 or t == 0:
+        return
+    delta = torch.empty(heads, t, dtype=torch.float32, device=q.device)
+    _row_dot_kernel[(triton.cdiv(t * heads, 32),)](
+        dout, out, delta, t * heads, heads, t, out.stride(0), out.stride(1), D=d, BR=32, num_warps=4
+    )
+    hkv, nb = k.shape[1], routes.num_blocks
+    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1))
+    configs = BACKWARD_CONFIGS_SMALL_BLOCKS if chunk <= _SMALL_BLOCKS else BACKWARD_CONFIGS
+    key = ("backward", q.device, q.dtype, d, chunk)
+    with_dq = chunk <= 2 * math.gcd(_config_in_use.get(key, configs[0])[1], chunk)
+
+    def launch(config):
+        bm, bn, warps, stages = config
+        bn = math.gcd(bn, chunk)
+        _backward_kernel[(hkv * nb, chunk // bn)](
+            q, k, v, dout, lse, delta, dq, dk, dv, routes.order, routes.run_start, block_starts,
+            *common, dk.stride(0), dk.stride(1), t, heads, routes.slots, nb, routes.subgroups, scale, scale * _LOG2E,
+            D=d, BM=bm, BN=bn, WITH_DQ=with_dq, num_warps=warps, num_stages=stages,
+        )
+
+    _launch(key, configs, launch)
+    if with_dq:
+        return
+
+    def launch_dq(config):
+        bm, bn, warps, stages = config
+        counts = routes.run_start[1:] - routes.run_start[:-1]
+        tile_ends = torch.cumsum(torch.div(counts + bm - 1, bm, rounding_mode="floor"), 0)
+        programs = -(-routes.order.numel() // bm) + routes.num_runs
+        _backward_dq_kernel[(programs,)](
+            q, k, v, dout, lse, delta, dq, routes.order, routes.run_start, tile_ends, block_starts, *common,
+            routes.num_runs, t, heads, routes.slots, nb, routes.subgroups * nb, scale, scale * _LOG2E,
+            CHUNK=chunk, D=d, BM=bm, BN=math.gcd(bn, chunk), num_warps=warps, num_stages=stages,
+        )
+
+    _launch(("backward_dq", q.device, q.dtype, d, chunk), BACKWARD_DQ_CONFIGS, launch_dq)
 
 
 def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int) -> None:
@@ -184,18 +356,18 @@ def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int) -> No
     )
 
 
-def gather_rows(dout, q, out, lse, order, sorted_rows, valid, h0: int, nh: int, slots: int):
-    """The backward's kernel rows in one pass: rows ``order[sorted_rows]`` of ``dout, q, out``
-    (``[T, Hq, D]``, same strides) and of ``lse [Hq, T]``; ``dout`` rows are zero where ``valid`` is
-    False (padding). Returns ``(dout_rows, q_rows, out_rows, lse_rows)``."""
+def gather_rows(dout, q, out, lse, routes, sorted_rows, valid):
+    """The tile backward's rows in one pass: rows ``routes.order[sorted_rows]`` of ``dout, q, out``
+    (``[T, heads, D]``, same strides) and of ``lse [heads, T]``; ``dout`` rows are zero where
+    ``valid`` is False (padding). Returns ``(dout_rows, q_rows, out_rows, lse_rows)``."""
     assert dout.stride() == q.stride() == out.stride() and lse.is_contiguous()
     n, (t, _, d) = sorted_rows.numel(), q.shape
     dout_rows, q_rows, out_rows = (x.new_empty(n, d) for x in (dout, q, out))
     lse_rows = lse.new_empty(n)
     has_valid = valid is not None
     _gather_kernel[(triton.cdiv(n, GATHER_ROWS),)](
-        q, dout, out, lse, q_rows, dout_rows, out_rows, lse_rows, order, sorted_rows,
-        valid.view(torch.uint8) if has_valid else sorted_rows, n, t, q.stride(0), q.stride(1), nh, h0, slots,
-        HAS_VALID=has_valid, D=d, BR=GATHER_ROWS, num_warps=4,
+        q, dout, out, lse, q_rows, dout_rows, out_rows, lse_rows, routes.order, sorted_rows,
+        valid.view(torch.uint8) if has_valid else sorted_rows, n, t, q.stride(0), q.stride(1), routes.heads,
+        routes.slots, HAS_VALID=has_valid, D=d, BR=GATHER_ROWS, num_warps=4,
     )
     return dout_rows, q_rows, out_rows, lse_rows

@@ -4,7 +4,9 @@ The gate is ``q . mean(k over block)`` in fp32. Every candidate block is a compl
 exactly ``chunk`` keys, so ranking by the block's key *sum* gives the same order as the mean while
 staying exact for inputs the sum can hold exactly; that is what is ranked here.
 
-Scores are computed in token tiles, so no ``[blocks, heads, tokens]`` tensor is ever materialized.
+Here, in PyTorch, scores are computed in token tiles in exact fp32, so no ``[blocks, heads, tokens]``
+tensor is ever materialized: the CPU path and the reference of the fused Triton gate
+(fused_gate.py), which the CUDA backends use.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _top(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(best, -1), torch.cat(where, -1)
 
 
-def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selected: int) -> torch.Tensor:
+def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selected: int, *,
+                  fused: bool = False) -> torch.Tensor:
     """The ``num_selected`` best earlier blocks of every (query, head).
 
     ``layout`` says where the queries' blocks are: a single-device ``BlockLayout``, or a context-
@@ -69,8 +72,13 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
     and ``token_first_block`` (per query, on the device), ``max_candidates`` and ``candidate_range``.
 
     Returns ``[T, Hq, num_selected]`` int32 global block ids in ascending order, padded with -1
-    where a query has fewer candidates. Ties go to the lower block index.
+    where a query has fewer candidates. Ties go to the lower block index. ``fused``: score and
+    select in the Triton kernel of fused_gate.py where it takes the inputs.
     """
+    if fused and _fused_gate_supports(q, num_selected):
+        from .fused_gate import select_blocks_fused
+
+        return select_blocks_fused(q, block_sums, layout.token_block, layout.token_first_block, num_selected)
     t, hq, d = q.shape
     hkv = block_sums.shape[1]
     sel = torch.full((t, hq, num_selected), -1, dtype=torch.int32, device=q.device)
@@ -96,3 +104,11 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
         sel[t0:t1, :, :n] = torch.where(chosen == _NO_BLOCK, -1, chosen).to(torch.int32)
     return sel
 
+
+
+def _fused_gate_supports(q: torch.Tensor, num_selected: int) -> bool:
+    try:
+        from .fused_gate import supports
+    except ImportError:  # no triton
+        return False
+    return supports(q, num_selected)

@@ -1,37 +1,52 @@
-"""The routed part of MoBA: every selected (query, head, block) attends that block's keys, and the
-partial results are merged into the own-block output by log-sum-exp; and its backward.
+"""The routed part of MoBA: every selected row attends its block's keys, the partial results are
+merged into the own-block output by log-sum-exp; and its backward.
 
-The keys are a ``KeyBlocks``: K and V token-major with the layout of their blocks. On one device
-that is the op's own K/V; under context parallelism with the all-gather exchange, every rank's K/V
-gathered (parallel/attention.py), so both run this same code.
+One machinery serves every caller. The rows are a ``routing.Routes`` over a ``[T, heads]`` view
+of the queries: on one device (and under context parallelism with the all-gather exchange) every
+query head, with up to ``topk - 1`` slots each; in the routed exchange, the rows a rank received, as
+``T`` cells of one head and one slot. The keys are a ``KeyBlocks``: K and V token-major with the
+layout of their blocks (the op's own, or every rank's gathered).
 
-On CUDA backends the forward is the fused Triton kernel and the backward's rows come from one
-Triton gather per call (fused_routes.py); elsewhere the rows are copied into tiles for the
-backend's tile calls (routing.py).
+On CUDA backends the forward and, for blocks below the backend's ``tiles_backward_min_chunk``, the
+backward run in fused_routes.py's Triton kernels (nothing waits for the host). Elsewhere the rows
+are cut into tiles for the backend's tile calls; the tiles' rows come from one Triton gather per
+call where the backend has Triton, else from index copies.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from .layout import BlockLayout
-from .routing import HeadGroup, Piece, SelectionCounts, plan_groups, plan_pieces
-from .rows import put_rows
+from .routing import HeadGroup, Routes
 
 _MERGE_TILE_ELEMENTS = 1 << 26
 
 
-def fused_kernels_apply(backend, q: torch.Tensor, chunk: int) -> bool:
-    """Whether the routed rows go through fused_routes.py's Triton kernels."""
-    if not backend.triton_routes:
-        return False
-    try:
-        from .fused_routes import supports
-    except ImportError:  # no triton: the tiles path serves every input
-        return False
-    return supports(q, chunk)
+@dataclass(frozen=True)
+class Kernels:
+    """Which routed kernels run: the Triton forward + merge (``fused``), the Triton backward
+    (``fused_backward``), else the backend's tiles with rows ``width`` wide (None: varlen)."""
+
+    fused: bool
+    fused_backward: bool
+    tile_width: int | None
+
+    @staticmethod
+    def choose(backend, q: torch.Tensor, chunk: int) -> "Kernels":
+        fused = False
+        if backend.triton_routes:
+            try:
+                from .fused_routes import supports
+            except ImportError:  # no triton: the tiles path serves every input
+                supports = None
+            fused = supports is not None and supports(q, chunk)
+        min_chunk = backend.tiles_backward_min_chunk
+        fused_backward = fused and (min_chunk is None or chunk < min_chunk)
+        return Kernels(fused, fused_backward, backend.tile_width_for(chunk))
 
 
 class KeyBlocks:
@@ -50,55 +65,15 @@ class KeyBlocks:
         idx = (tokens[None] * hkv + torch.arange(hkv, device=self.k.device)[:, None, None]).flatten()
         return tuple(x.view(-1, d)[idx].view(hkv * layout.num_blocks, layout.chunk, d) for x in (self.k, self.v))
 
-    def to_tokens(self, grads, heads: int) -> list[torch.Tensor]:
-        """Block-major gradients of ``heads`` kv heads -> token-major ``[Tk, heads, D]`` each."""
+    def to_tokens(self, grads, kv0: int, kv1: int) -> list[torch.Tensor]:
+        """Block-major gradients ``[(kv1 - kv0) * blocks, C, D]`` of kv heads ``[kv0, kv1)`` ->
+        token-major ``[Tk, kv1 - kv0, D]`` each."""
         layout, device = self.layout, grads[0].device
         block = layout.token_block
         within = torch.arange(layout.num_tokens, device=device) - layout.block_starts_dev[block]
-        h = torch.arange(heads, device=device)
+        h = torch.arange(kv1 - kv0, device=device)
         index = ((h[None, :] * layout.num_blocks + block[:, None]) * layout.chunk + within[:, None]).flatten()
-        return [g.view(-1, g.shape[-1])[index].view(layout.num_tokens, heads, -1) for g in grads]
-
-
-class Routes:
-    """A selection's head groups, and their kernel calls (pieces) once something needs them: the
-    tiles path's forward, and every backward. The fused forward needs none, so on CUDA backends the
-    forward never waits for the host; the backward reads the selection counts, long since copied."""
-
-    def __init__(self, groups: list[HeadGroup], counts: SelectionCounts, slots: int, fused: bool,
-                 kv_group: int, chunk: int, head_dim: int, tile_width: int | None):
-        self.groups, self.counts, self.slots, self.fused = groups, counts, slots, fused
-        self._pieces_args = (kv_group, chunk, head_dim, tile_width)
-        self._pieces: list[list[Piece]] | None = None
-
-    def num_rows(self) -> int:
-        """Selected rows over all groups (reads the counts on the host)."""
-        return sum(map(sum, self.counts.wait()))
-
-    def pieces(self) -> list[list[Piece]]:
-        if self._pieces is None:
-            self._pieces = plan_pieces(self.groups, self.counts, *self._pieces_args)
-        return self._pieces
-
-
-def plan(sel: torch.Tensor, counts: SelectionCounts, keys: KeyBlocks, q: torch.Tensor, backend) -> Routes:
-    """``sel [T, Hq, slots]``: block ids into ``keys.layout`` (-1: unused slot)."""
-    layout, (_, hkv, d) = keys.layout, keys.k.shape
-    groups = plan_groups(sel, counts, hkv, d)
-    fused = fused_kernels_apply(backend, q, layout.chunk)
-    return Routes(groups, counts, sel.shape[2], fused, q.shape[1] // hkv, layout.chunk, d, backend.tile_width)
-
-
-class _GroupRows:
-    """Index maps of a head group's sorted rows into ``[T*Hq]`` (token-major) and ``[Hq*T]``."""
-
-    def __init__(self, grp: HeadGroup, t: int, hq: int, slots: int):
-        nh = grp.h1 - grp.h0
-        cell = grp.order // slots  # token * nh + local head
-        token = cell // nh
-        head = grp.h0 + cell - token * nh
-        self.token_major = token * hq + head
-        self.head_major = head * t + token
+        return [g.view(-1, g.shape[-1])[index].view(layout.num_tokens, kv1 - kv0, -1) for g in grads]
 
 
 def merge_partials(out, lse, grid_out, grid_lse):
@@ -124,6 +99,52 @@ def merge_partials(out, lse, grid_out, grid_lse):
     return merged, merged_lse.t()
 
 
+def put_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``dst[index] = rows`` for whole rows, moved as the widest element type that tiles a row:
+    index_put works element by element, so 16-byte elements make it ~8x less work than bf16."""
+    width = dst.shape[-1] * dst.element_size()
+    for wide in (torch.complex128, torch.int64, torch.int32):
+        if width % wide.itemsize == 0:
+            dst.view(wide)[index] = rows.view(wide)
+            return
+    dst[index] = rows
+
+
+def _cells(routes: Routes, rid: torch.Tensor):
+    """Cell (``t * heads + h``), head-major cell (``h * T + t``) and slot of rows ``rid``."""
+    cell = rid // routes.slots
+    t, h = cell // routes.heads, cell % routes.heads
+    return cell, h * routes.num_tokens + t, rid % routes.slots, t, h
+
+
+def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, backend, kernels: Kernels):
+    """Partial output and LSE of head group ``grp``'s rows, in merge-grid layout
+    ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare)."""
+    t, _, d = q.shape
+    layout, nh, slots = keys.layout, grp.h1 - grp.h0, routes.slots
+    if kernels.fused:
+        from .fused_routes import routed_forward
+
+        return routed_forward(q, keys.k, keys.v, routes, grp, layout.block_starts_dev, layout.chunk, scale)
+    kb, vb = keys.block_major
+    spare = t * nh * slots
+    grid_out = q.new_zeros(spare + 1, d)
+    grid_lse = torch.full((spare + 1,), float("-inf"), device=q.device)
+    for piece in routes.pieces(kernels.tile_width, layout.chunk, d)[routes.groups.index(grp)]:
+        sorted_rows, valid = piece.slots()
+        cell, _, slot, tok, head = _cells(routes, routes.order[sorted_rows])
+        o, l = backend.tiles_forward(
+            q.view(-1, d)[cell], kb[piece.tile_block], vb[piece.tile_block], piece.tile_rows, piece.width,
+            piece.max_rows, scale,
+        )
+        dst = (tok * nh + head - grp.h0) * slots + slot
+        if valid is not None:
+            dst = torch.where(valid, dst, spare)
+        put_rows(grid_out, dst, o)
+        grid_lse[dst] = l
+    return grid_out, grid_lse
+
+
 def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: bool) -> None:
     """In place: heads ``[h0, h0 + nh)`` of ``out [T, Hq, D]``, ``lse [Hq, T]`` merged with a grid of
     ``[T, nh, slots]`` partials."""
@@ -136,82 +157,63 @@ def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: boo
         out[:, heads], lse[heads] = merge_partials(out[:, heads], lse[heads], grid_out, grid_lse)
 
 
-def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend) -> None:
+def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend, kernels: Kernels) -> None:
     """Merges the routed partials into ``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) in place."""
-    t, hq, d = q.shape
-    slots, layout = routes.slots, keys.layout
-    for i, grp in enumerate(routes.groups):
-        nh = grp.h1 - grp.h0
-        if routes.fused:
-            from .fused_routes import routed_forward
-
-            grid_out, grid_lse = routed_forward(
-                q, keys.k, keys.v, grp.order, grp.run_counts, grp.h0, nh, layout.block_starts_dev,
-                layout.chunk, slots, scale,
-            )
-        else:
-            kb, vb = keys.block_major
-            token_major = _GroupRows(grp, t, hq, slots).token_major
-            grid_size = t * nh * slots
-            grid_out = q.new_zeros(grid_size + 1, d)  # one more row absorbs padding
-            grid_lse = torch.full((grid_size + 1,), float("-inf"), device=q.device)
-            for piece in routes.pieces()[i]:
-                slot_rows, _, pos = piece.destinations(grp.order, grid_size)
-                o_r, l_r = backend.tiles_forward(
-                    q.view(-1, d)[token_major[slot_rows]], kb[piece.tile_block], vb[piece.tile_block],
-                    piece.tile_rows, piece.width, piece.max_rows, scale,
-                )
-                put_rows(grid_out, pos, o_r)
-                grid_lse[pos] = l_r
-                del o_r, l_r
-        merge(out, lse, grp.h0, nh, grid_out, grid_lse, slots, routes.fused)
+    for grp in routes.groups:
+        grid_out, grid_lse = attend(q, routes, grp, keys, scale, backend, kernels)
+        merge(out, lse, grp.h0, grp.h1 - grp.h0, grid_out, grid_lse, routes.slots, kernels.fused)
         del grid_out, grid_lse
 
 
-def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend, dq, dk, dv) -> None:
-    """Adds the routed gradients in place: into ``dq [T, Hq, D]`` and ``dk, dv [Tk, Hkv, D]`` (any
-    dtype; summed in fp32). Each row's probabilities are taken against the *merged* out and LSE."""
-    t, hq, d = q.shape
-    group = hq // keys.k.shape[1]
-    slots, nb = routes.slots, keys.layout.num_blocks
+def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend, kernels: Kernels,
+             dq, dk, dv) -> None:
+    """Adds the routed gradients in place: into ``dq`` (fp32, shaped like q ``[T, heads, D]``) and
+    ``dk, dv [Tk, Hkv, D]`` (any dtype). Each row's probabilities are taken against the *merged*
+    out and LSE."""
+    layout, d = keys.layout, q.shape[-1]
+    if kernels.fused_backward:
+        from .fused_routes import routed_backward
+
+        routed_backward(dout, q, keys.k, keys.v, out, lse, routes, layout.block_starts_dev, layout.chunk, scale,
+                        dq, dk, dv)
+        return
     kb, vb = keys.block_major
-    if routes.fused:
+    nb, per_kv = layout.num_blocks, routes.subgroups * layout.num_blocks
+    if kernels.fused:
         from .fused_routes import gather_rows
-    dkv = None  # fp32 block-major gradients of the kv heads of the current head group(s)
-    for grp, pieces in zip(routes.groups, routes.pieces()):
-        nh = grp.h1 - grp.h0
-        kv0, kv1 = grp.h0 // group, -(-grp.h1 // group)
+    dkv, kv0 = None, 0  # fp32 block-major gradients of kv heads [kv0, ...) until they are complete
+    t = q.shape[0]
+    for grp, pieces in zip(routes.groups, routes.pieces(kernels.tile_width, layout.chunk, d)):
+        kv1 = -(-grp.run1 // per_kv)
         if dkv is None:
-            dkv = torch.zeros(2, (kv1 - kv0) * nb, keys.layout.chunk, d, dtype=torch.float32, device=q.device)
-        rows = None if routes.fused else _GroupRows(grp, t, hq, slots)
-        grid_size = t * nh * slots
-        grid_dq = dq.new_zeros(grid_size + 1, d)
+            kv0 = grp.run0 // per_kv
+            dkv = torch.zeros(2, (kv1 - kv0) * nb, layout.chunk, d, dtype=torch.float32, device=q.device)
+        nh = grp.h1 - grp.h0
+        spare = t * nh * routes.slots
+        grid_dq = q.new_zeros(spare + 1, d)  # per (cell, slot) dq of the group's heads, summed below
         for piece in pieces:
-            slot_rows, valid, pos = piece.destinations(grp.order, grid_size)
-            if routes.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
-                dout_rows, q_rows, out_rows, lse_rows = gather_rows(
-                    dout, q, out, lse, grp.order, slot_rows, valid, grp.h0, nh, slots
-                )
+            sorted_rows, valid = piece.slots()
+            cell, head_major, slot, tok, head = _cells(routes, routes.order[sorted_rows])
+            if kernels.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
+                dout_rows, q_rows, out_rows, lse_rows = gather_rows(dout, q, out, lse, routes, sorted_rows, valid)
             else:
-                tm = rows.token_major[slot_rows]
-                dout_rows, q_rows, out_rows = (x.view(-1, d)[tm] for x in (dout, q, out))
+                dout_rows, q_rows, out_rows = (x.view(-1, d)[cell] for x in (dout, q, out))
                 if valid is not None:
                     dout_rows = torch.where(valid[:, None], dout_rows, 0)
-                lse_rows = lse.view(-1)[rows.head_major[slot_rows]]
-                del tm
+                lse_rows = lse.view(-1)[head_major]
             dq_r, dk_r, dv_r = backend.tiles_backward(
                 dout_rows, q_rows, kb[piece.tile_block], vb[piece.tile_block], out_rows, lse_rows,
                 piece.tile_rows, piece.width, piece.max_rows, scale,
             )
-            put_rows(grid_dq, pos, dq_r)
+            dst = (tok * nh + head - grp.h0) * routes.slots + slot
+            put_rows(grid_dq, dst if valid is None else torch.where(valid, dst, spare), dq_r)
             local = piece.tile_block - kv0 * nb
             dkv[0].index_add_(0, local, dk_r.float())
             dkv[1].index_add_(0, local, dv_r.float())
             del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows
-        per_slot = grid_dq[:-1].view(t, nh, slots, d)
-        dq[:, grp.h0 : grp.h1] = dq[:, grp.h0 : grp.h1].float() + per_slot.sum(2, dtype=torch.float32)
-        del grid_dq, per_slot
-        if grp.h1 % group == 0 or grp.h1 == hq:  # the kv heads' last query head is done
-            for grad, acc in zip((dk, dv), keys.to_tokens(dkv, kv1 - kv0)):
+        dq[:, grp.h0 : grp.h1] += grid_dq[:-1].view(t, nh, routes.slots, d).sum(2, dtype=torch.float32)
+        del grid_dq
+        if grp.run1 % per_kv == 0:  # the kv heads' last runs are done
+            for grad, acc in zip((dk, dv), keys.to_tokens(dkv, kv0, kv1)):
                 grad[:, kv0:kv1] = grad[:, kv0:kv1].float() + acc
             dkv = None

@@ -1,16 +1,21 @@
-"""Turn block selections into kernel calls over the selected blocks.
+"""Turn block selections into runs of rows, and runs into kernel calls.
 
-Every selection (query, head, slot) becomes a row. Rows are sorted by (head, block), so the queries
-that chose one block of one head are consecutive. They are cut into *tiles*, each attending one
+Every selection (cell, slot) is a *row*, numbered ``r = cell * slots + slot``; a cell is
+``t * heads + h`` of a ``[T, heads]`` grid of queries (one device: every query head; context
+parallelism's routed exchange: the received rows as ``T`` cells of one head and one slot). Rows are
+sorted into *runs*, one per (kv head, head subgroup, key block), so the rows that attend one block
+of one kv head are consecutive. One sort on the device does it, and ``run_start`` (on the device)
+bounds the runs; the Triton kernels (fused_routes.py) launch from that alone.
+
+Heads are processed in groups so the per-slot merge state stays bounded (``head_groups``). When one
+kv head's query heads must be split, each part gets runs of its own (a *subgroup*), so every head
+group's rows are one contiguous span of the sorted rows.
+
+For the backends whose kernels take tiles (``pieces``): runs are cut into *tiles*, each attending one
 full block of C keys, and tiles are packed into *pieces*, one kernel call each, sized to a memory
-budget. For fixed-shape kernels every tile of a piece is padded to the piece's width; full-width
-tiles and the remainders are packed apart, remainders by size, so little padding is computed.
-Keys reach a call as the tiles' blocks of a block-major copy of K (one copy, never repeated per
-GQA head).
-
-Heads are processed in groups so the fp32 merge and gradient state stays bounded. ``plan_groups``
-sorts the rows on the device; ``plan_pieces`` cuts the tiles, which needs the selection counts on
-the host.
+budget. That needs the run sizes on the host, copied without blocking when the runs are built.
+Fixed-shape kernels (``tile_width``) get every tile padded to that width and every call padded to
+a power-of-two number of tiles, so a handful of shapes covers every step of a training run.
 """
 
 from __future__ import annotations
@@ -22,19 +27,25 @@ import torch
 
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
-_REMAINDER_FILL = 0.75  # a remainder tile starts a new piece below this fraction of its width...
-_MIN_WIDTH = 512  # ...unless the piece is this narrow already (few launches beat less padding)
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    h0: int  # heads [h0, h1) of the row view
+    h1: int
+    run0: int  # its runs [run0, run1)
+    run1: int
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One kernel call: tiles of a head group's sorted rows, each attending one block."""
+    """One kernel call: tiles of sorted rows, each attending one block."""
 
     width: int | None  # padded rows per tile; None: unpadded (varlen kernels)
     max_rows: int
     num_rows: int  # real rows over all tiles
     tile_row0: torch.Tensor  # [tiles] int64, first sorted row of each tile
-    tile_rows: torch.Tensor  # [tiles] int64, rows in each tile
+    tile_rows: torch.Tensor  # [tiles] int64, rows in each tile (0: a padding tile)
     tile_block: torch.Tensor  # [tiles] int64, kv_head * num_blocks + block: the tile's keys
 
     @property
@@ -51,61 +62,76 @@ class Piece:
             return self.tile_row0[tile] + torch.arange(tile.numel(), device=tile.device) - starts[tile], None
         pos = torch.arange(self.width, device=self.tile_rows.device)
         valid = pos[None, :] < self.tile_rows[:, None]
-        # Padding repeats the tile's last row: finite inputs, and their results are dropped.
-        rows = self.tile_row0[:, None] + torch.minimum(pos[None, :], self.tile_rows[:, None] - 1)
+        # Padding repeats a real row of the tile: finite inputs; their dO is zeroed, results dropped.
+        last = (self.tile_rows[:, None] - 1).clamp_(min=0)
+        rows = self.tile_row0[:, None] + torch.minimum(pos[None, :], last)
         return rows.flatten(), valid.flatten()
 
-    def destinations(self, order: torch.Tensor, spare: int):
-        """``slots()`` and where each kernel row's result goes: ``order`` of its sorted row, padding
-        to the ``spare`` row."""
-        slots, valid = self.slots()
-        dst = order[slots]
-        if valid is not None:
-            dst = torch.where(valid, dst, spare)
-        return slots, valid, dst
 
+class Routes:
+    """Rows sorted into runs. ``order [rows]`` int64: the row id at each sorted place, the runs'
+    rows first (unused slots after them); ``run_start [runs + 1]`` int64 on the device: where each
+    run begins. Run ``((kv_head * subgroups) + sub) * num_blocks + block``."""
 
-@dataclass(frozen=True)
-class HeadGroup:
-    h0: int  # query heads [h0, h1)
-    h1: int
-    order: torch.Tensor  # [T * (h1 - h0) * slots] int64, flat index into [T, h1 - h0, slots], sorted by
-    # (head, block) with the selected rows first (unused slots sort last)
-    run_counts: torch.Tensor  # [(h1 - h0) * blocks] on the device: rows per (head, block), in order
+    def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
+                 subgroups: int, num_blocks: int, groups: list[HeadGroup]):
+        self.num_tokens, self.heads, self.slots = num_tokens, heads, slots
+        self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
+        self.num_runs = kv_heads * subgroups * num_blocks
+        sorted_keys, self.order = torch.sort(keys, stable=True)
+        bounds = torch.arange(self.num_runs + 1, device=keys.device, dtype=sorted_keys.dtype)
+        self.run_start = torch.searchsorted(sorted_keys, bounds)
+        del sorted_keys
+        self._host = None
+        self._pieces: dict = {}
 
+    def start_host_copy(self) -> None:
+        """Copy the run bounds to the host without waiting (the tiles path reads them later)."""
+        if self._host is None:
+            if self.run_start.is_cuda:
+                host = torch.empty(self.run_start.shape, dtype=self.run_start.dtype, pin_memory=True)
+                host.copy_(self.run_start, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._host = (host, event)
+            else:
+                self._host = (self.run_start, None)
 
-class SelectionCounts:
-    """Host table ``counts[h][j]``: how many queries of head h chose block j.
+    def host_run_start(self) -> list[int]:
+        self.start_host_copy()
+        host, event = self._host
+        if event is not None:
+            event.synchronize()
+        return host.tolist()
 
-    This is the op's one device-to-host copy after gating (kernel launches need tile counts and
-    widths on the host). It is started here and awaited in ``wait``, so the own-block attention
-    launched in between hides the wait."""
+    def num_rows(self) -> int:
+        """Rows in runs (reads the run bounds on the host)."""
+        return self.host_run_start()[-1]
 
-    def __init__(self, sel: torch.Tensor, num_blocks: int):
-        _, hq, _ = sel.shape
-        valid = sel >= 0
-        heads = torch.arange(hq, device=sel.device).view(1, hq, 1)
-        keys = (heads * num_blocks + sel.long())[valid]
-        counts = torch.bincount(keys, minlength=hq * num_blocks).view(hq, num_blocks)
-        self.on_device = counts  # [Hq, blocks]
-        self.event = None
-        if counts.is_cuda:
-            self.host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            self.host.copy_(counts, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = counts
+    def run_key_block(self, run: int) -> int:
+        """``kv_head * num_blocks + block`` of a run: the tile of keys it attends."""
+        kvh, rest = divmod(run, self.subgroups * self.num_blocks)
+        return kvh * self.num_blocks + rest % self.num_blocks
 
-    def wait(self) -> list[list[int]]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
+    def pieces(self, tile_width: int | None, chunk: int, head_dim: int) -> list[list[Piece]]:
+        """The kernel calls of each head group's runs (reads the run bounds on the host)."""
+        key = (tile_width, chunk, head_dim)
+        if key not in self._pieces:
+            start = self.host_run_start()
+            device = self.run_start.device
+            self._pieces[key] = [
+                pack_tiles(
+                    ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in range(g.run0, g.run1)),
+                    tile_width, chunk, head_dim, device,
+                )
+                for g in self.groups
+            ]
+        return self._pieces[key]
 
 
 def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[int, int]]:
     """Ranges of query heads whose state (``cell_elements`` per head) fits the budget; a range
-    never splits a GQA group unevenly, so kv-head gradient accumulators flush at group ends."""
+    never splits a GQA group unevenly."""
     per = max(1, STATE_BUDGET_ELEMENTS // max(1, cell_elements))
     if per >= group:
         per = min(num_heads, per // group * group)
@@ -114,90 +140,90 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
     return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
 
 
-def plan_groups(sel: torch.Tensor, counts: SelectionCounts, num_kv_heads: int, head_dim: int) -> list[HeadGroup]:
-    """Sort each head group's rows by (head, block). Nothing is read on the host: the fused Triton
-    forward launches from this alone (its tile tables are built on the device)."""
+def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_dim: int) -> Routes:
+    """``sel [T, Hq, slots]`` block ids (-1: unused slot) -> the rows sorted into runs, in head
+    groups sized to the state budget. Nothing is read on the host."""
     t, hq, slots = sel.shape
-    nb = counts.on_device.shape[1]
-    device = sel.device
-    groups = []
-    for h0, h1 in head_groups(hq, hq // num_kv_heads, t * slots * head_dim):
-        nh = h1 - h0
-        local = torch.arange(nh, device=device).view(1, nh, 1)
-        keys = torch.where(sel[:, h0:h1] >= 0, local * nb + sel[:, h0:h1].long(), nh * nb).flatten()
-        groups.append(HeadGroup(h0, h1, torch.sort(keys, stable=True).indices, counts.on_device[h0:h1].flatten()))
-    return groups
+    group = hq // num_kv_heads
+    ranges = head_groups(hq, group, t * slots * head_dim)
+    per = ranges[0][1] - ranges[0][0]
+    subgroups = group // per if per < group else 1
+    heads = torch.arange(hq)
+    first_run = ((heads // group) * subgroups + (heads % group) // per % subgroups) * num_blocks
+    nruns = num_kv_heads * subgroups * num_blocks
+    groups = [HeadGroup(h0, h1, int(first_run[h0]), int(first_run[h1 - 1]) + num_blocks) for h0, h1 in ranges]
+    runs = first_run.to(sel.device, non_blocking=True).view(1, hq, 1)
+    keys = torch.where(sel >= 0, runs + sel, nruns).flatten()
+    return Routes(keys, num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
+                  num_blocks=num_blocks, groups=groups)
 
 
-def plan_pieces(
-    groups: list[HeadGroup], counts: SelectionCounts, group: int, chunk: int, head_dim: int, tile_width: int | None
-) -> list[list[Piece]]:
-    """The kernel calls of each head group's rows (``group`` query heads per kv head); reads the
-    selection counts on the host (launch shapes depend on them). ``tile_width=None`` makes one
-    unpadded tile per (head, block), for varlen kernels; an int cuts tiles of at most that many
-    rows, for padded fixed-shape kernels."""
-    host = counts.wait()
-    nb = len(host[0]) if host else 0
-    device = counts.on_device.device
-    return [
-        pack_tiles(
-            ((host[h][j], (h // group) * nb + j) for h in range(grp.h0, grp.h1) for j in range(nb)),
-            tile_width, chunk, head_dim, device,
-        )
-        for grp in groups
-    ]
+def route_rows(keys: torch.Tensor, num_kv_heads: int, num_blocks: int) -> Routes:
+    """Loose rows, ``keys [n]`` = ``kv_head * num_blocks + block`` each: ``n`` cells of one head and
+    one slot, in one head group."""
+    nruns = num_kv_heads * num_blocks
+    return Routes(keys, num_tokens=keys.numel(), heads=1, slots=1, kv_heads=num_kv_heads, subgroups=1,
+                  num_blocks=num_blocks, groups=[HeadGroup(0, 1, 0, nruns)])
+
+
+def padded_width(rows: int, tile_width: int) -> int:
+    """The width a tile of ``rows`` rows is padded to: a power of two from 64 up to 2048, then
+    multiples of 2048, at most ``tile_width`` (at most ~4 + tile_width / 2048 widths in all)."""
+    width = 1 << max(6, (rows - 1).bit_length())
+    if width > 2048:
+        width = -(-rows // 2048) * 2048
+    return min(width, tile_width)
 
 
 def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device) -> list[Piece]:
-    """Cut sorted rows into tiles and pack the tiles into pieces.
+    """Cut runs of sorted rows into tiles and pack the tiles into pieces.
 
-    ``runs`` yields ``(rows, kv block)`` for consecutive runs of sorted rows that attend one block.
-    ``tile_width=None`` makes one unpadded tile per run, for varlen kernels; an int cuts tiles of
-    at most that many rows, for padded fixed-shape kernels."""
-    full, rest = [], []  # tiles as (first row, rows, kv block)
-    row = 0
-    for n, block in runs:
+    ``runs`` yields ``(first sorted row, rows, kv block)``. ``tile_width=None`` makes one unpadded
+    tile per run and packs tiles greedily to the budget, for varlen kernels. An int cuts tiles of at
+    most that many rows; tiles go widest first into pieces of a power-of-two number of tiles, each
+    padded to ``padded_width`` of its piece's widest tile (padding tiles have no rows), so
+    fixed-shape kernels see a bounded set of shapes and little padding."""
+    tiles = []  # (first row, rows, kv block)
+    for row0, n, block in runs:
         step = tile_width or max(n, 1)
-        for r0 in range(0, n, step):
-            tile = (row + r0, min(step, n - r0), block)
-            (full if tile[1] == tile_width else rest).append(tile)
-        row += n
-    rest.sort(key=lambda tile: -tile[1])
-    tiles = full + rest
-    if not tiles:
+        tiles += [(row0 + r0, min(step, n - r0), block) for r0 in range(0, n, step)]
+    spans = []  # (width, tiles, padding tiles)
+    if tile_width is None:
+        start, cost = 0, 0
+        for i, (_, n, _) in enumerate(tiles):
+            tile_cost = (n + 2 * chunk) * head_dim
+            if i > start and cost + tile_cost > PIECE_BUDGET_ELEMENTS:
+                spans.append((None, tiles[start:i], 0))
+                start, cost = i, 0
+            cost += tile_cost
+        if tiles:
+            spans.append((None, tiles[start:], 0))
+    else:
+        tiles.sort(key=lambda tile: -tile[1])
+        start = 0
+        while start < len(tiles):
+            width = padded_width(tiles[start][1], tile_width)
+            most = max(1, PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * head_dim))
+            part = tiles[start : start + (1 << (most.bit_length() - 1))]
+            spans.append((width, part, (1 << (len(part) - 1).bit_length()) - len(part)))
+            start += len(part)
+    table, offsets = [], []
+    for _, part, pad in spans:
+        offsets.append((len(table), len(table) + len(part) + pad))
+        row0, _, block = part[-1]  # padding tiles: no rows, the last real tile's row and keys
+        table += part + [(row0, 0, block)] * pad
+    if not table:
         return []
-    bounds = _pack(full, tile_width, chunk, head_dim)
-    bounds += [(len(full) + a, len(full) + b, w) for a, b, w in _pack(rest, tile_width, chunk, head_dim)]
     # One host-to-device copy for every tile table.
-    table = torch.tensor(tiles, dtype=torch.int64).t().contiguous().to(device, non_blocking=True)
+    dev = torch.tensor(table, dtype=torch.int64).t().contiguous().to(device, non_blocking=True)
     return [
         Piece(
-            width=w,
-            max_rows=max(n for _, n, _ in tiles[a:b]),
-            num_rows=sum(n for _, n, _ in tiles[a:b]),
-            tile_row0=table[0, a:b],
-            tile_rows=table[1, a:b],
-            tile_block=table[2, a:b],
+            width=width,
+            max_rows=max(n for _, n, _ in part),
+            num_rows=sum(n for _, n, _ in part),
+            tile_row0=dev[0, o0:o1],
+            tile_rows=dev[1, o0:o1],
+            tile_block=dev[2, o0:o1],
         )
-        for a, b, w in bounds
+        for (width, part, _), (o0, o1) in zip(spans, offsets)
     ]
-
-
-def _pack(tiles, tile_width, chunk, head_dim) -> list[tuple[int, int, int | None]]:
-    """Greedy packing of tiles (remainders arrive largest first) into budgeted pieces:
-    ``(first tile, end tile, padded width)`` each."""
-    pieces, start = [], 0
-    while start < len(tiles):
-        width = None if tile_width is None else -(-tiles[start][1] // 64) * 64
-        cost, end = 0, start
-        while end < len(tiles):
-            n = tiles[end][1]
-            tile_cost = ((width or n) + 2 * chunk) * head_dim
-            narrower = width and width > _MIN_WIDTH and n < _REMAINDER_FILL * width
-            if end > start and (cost + tile_cost > PIECE_BUDGET_ELEMENTS or narrower):
-                break
-            cost += tile_cost
-            end += 1
-        pieces.append((start, end, width))
-        start = end
-    return pieces

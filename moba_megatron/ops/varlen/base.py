@@ -19,10 +19,15 @@ import torch
 
 class VarlenBackend(Protocol):
     name: str
-    tile_width: int | None  # see VarlenTiles / PaddedTiles below: how MoBA's routed calls are shaped
-    # MoBA's routed calls may use the Triton kernels of ops/moba/fused_routes.py (the whole forward,
-    # the backward's row gathers): set by the CUDA backends, whose inputs those kernels take.
+    # MoBA's gate and routed calls may use the Triton kernels of ops/moba/fused_gate.py and
+    # fused_routes.py: set by the CUDA backends, whose inputs those kernels take.
     triton_routes: bool
+    # Blocks from this size on run the routed backward on the backend's tiles rather than the
+    # Triton kernel (None: never).
+    tiles_backward_min_chunk: int | None
+
+    def tile_width_for(self, chunk: int) -> int | None:
+        """How MoBA's routed tile calls are shaped (see VarlenTiles / PaddedTiles below)."""
 
     def is_available(self) -> bool:
         """Whether the kernels can be loaded in this process at all."""
@@ -75,8 +80,11 @@ class VarlenTiles:
     ``tile_rows [tiles]`` int64 on the device (summing to n), ``lse_rows [n]`` fp32.
     """
 
-    tile_width: int | None = None  # padded rows per tile; None: one unpadded tile per (head, block)
     triton_routes: bool = False
+    tiles_backward_min_chunk: int | None = None
+
+    def tile_width_for(self, chunk: int) -> int | None:
+        return None  # one unpadded tile per run
 
     @staticmethod
     def _cu(tile_rows: torch.Tensor, k_tiles: torch.Tensor):
@@ -106,14 +114,21 @@ class VarlenTiles:
 class PaddedTiles:
     """MoBA's routed calls on a fixed-shape batched kernel: every tile of a call is padded to the
     call's ``width`` and run as ``q [tiles, 1, width, D]`` against ``k, v [tiles, 1, C, D]``.
-    Padding rows arrive with zero upstream gradient, so they add nothing to dK and dV.
+    Padding rows arrive with zero upstream gradient, so they add nothing to dK and dV. Tiles are at
+    most ``tile_width`` rows; a run's last tile is padded to one of a few widths, and calls hold a
+    power-of-two number of tiles, so a training run meets a bounded set of shapes (a fixed-shape
+    kernel such as cuDNN's builds a plan per shape; see ``routing.pack_tiles``).
 
     Subclasses provide ``dense_forward(q, k, v, scale) -> (out, lse [tiles, 1, width])`` and
     ``dense_backward(dout, q, k, v, out, lse, scale) -> (dq, dk, dv)`` (non-causal).
     """
 
-    tile_width: int | None = 16384
+    tile_width: int = 16384
     triton_routes: bool = False
+    tiles_backward_min_chunk: int | None = None
+
+    def tile_width_for(self, chunk: int) -> int:
+        return self.tile_width
 
     def tiles_forward(self, q_rows, k_tiles, v_tiles, tile_rows, width, max_rows, scale):
         nt, chunk, d = k_tiles.shape

@@ -43,12 +43,13 @@ def tiles_backward(dout, q, k, v, out, lse, scale: float):
 
 
 class CudnnBackend(PaddedTiles, TorchFlashBackend):
-    """Selected blocks on cuDNN in padded tiles (in MoBA's forward, the fused Triton kernel instead
-    where it applies); own blocks on cuDNN too when every block is full (one dense
-    batched causal call), else on PyTorch's FA2 varlen kernels."""
+    """Own blocks on cuDNN when every block is full (one dense batched causal call), else on
+    PyTorch's FA2 varlen kernels. Selected blocks: the fused Triton kernels where they apply; the
+    backward of large blocks on cuDNN in padded tiles, where cuDNN's rate outweighs the tile copies."""
 
     name = "cudnn"
     triton_routes = True  # PaddedTiles comes first in the MRO and says False
+    tiles_backward_min_chunk = 4096  # below it the Triton backward was faster (H200, benchmarks/RESULTS.md)
 
     def is_available(self) -> bool:
         return (

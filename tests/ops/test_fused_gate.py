@@ -1,0 +1,78 @@
+"""The fused Triton gate (ops/moba/fused_gate.py) against the PyTorch gate (exact fp32 scoring).
+
+Dyadic inputs make every score exact in both, so the selections must be identical, ties included.
+On random inputs the selections may differ only between blocks whose scores (computed in fp64)
+differ by less than 1e-5 relative (DESIGN §7). Without a GPU, Triton's interpreter runs the kernel."""
+
+import os
+
+import pytest
+import torch
+
+from moba_megatron.ops.moba import gating
+from moba_megatron.ops.moba.layout import block_layout
+from tests.helpers import make_qkv
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets Triton's interpreter mode on CPU"
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
+
+
+def selections(lens, chunk, slots, hq, hkv, d, *, dyadic, dtype, seed=0):
+    q, k, _, cu = make_qkv(lens, hq, hkv, d, seed=seed, dtype=dtype, device=DEVICE)
+    if not dyadic:
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(q.shape, generator=g).to(DEVICE, dtype)
+        k = torch.randn(k.shape, generator=g).to(DEVICE, dtype)
+    layout = block_layout(tuple(cu.tolist()), chunk, q.device)
+    sums = gating.block_key_sums(k, layout)
+    fused = gating.select_blocks(q, sums, layout, slots, fused=True)
+    exact = gating.select_blocks(q, sums, layout, slots)
+    return q, sums, fused, exact
+
+
+CASES = [
+    ([300], 16, 1, 2, 2, 16),  # one slot, many blocks
+    ([200, 1, 0, 90], 8, 3, 4, 2, 32),  # sequences shorter than a block, length 1, empty; GQA
+    ([500, 37], 4, 7, 2, 1, 16),  # a tile of queries straddling two sequences
+    ([700], 4, 63, 2, 2, 16),  # top-k 64, the most the kernel keeps
+    ([3 * 8192 + 100], 8192, 2, 1, 1, 16),  # the largest block size
+]
+
+
+@pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES)
+def test_exact_scores_give_identical_selections(lens, chunk, slots, hq, hkv, d):
+    dtype = torch.float32 if DEVICE == "cpu" else HALF
+    _, _, fused, exact = selections(lens, chunk, slots, hq, hkv, d, dyadic=True, dtype=dtype)
+    assert fused.dtype == torch.int32 and fused.shape == exact.shape
+    assert torch.equal(fused, exact)
+
+
+def test_ties_go_to_the_lower_block():
+    k = torch.ones(40, 1, 16, device=DEVICE)
+    q = torch.ones(40, 1, 16, device=DEVICE)
+    layout = block_layout((0, 40), 8, torch.device(DEVICE))
+    sel = gating.select_blocks(q, gating.block_key_sums(k, layout), layout, 2, fused=True)
+    assert sel[39, 0].tolist() == [0, 1]
+    assert sel[10, 0].tolist() == [0, -1]  # block 1 has only block 0 before it
+    assert sel[3, 0].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES[:4] + [([4096], 64, 7, 4, 2, 128)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_scores_differ_only_between_near_ties(lens, chunk, slots, hq, hkv, d, seed):
+    q, sums, fused, exact = selections(lens, chunk, slots, hq, hkv, d, dyadic=False, dtype=HALF, seed=seed)
+    rows = (fused != exact).any(-1).nonzero().tolist()
+    group = hq // hkv
+    for t, h in rows:
+        a, b = set(fused[t, h].tolist()) - {-1}, set(exact[t, h].tolist()) - {-1}
+        assert len(a) == len(b), f"query {t} head {h}: {sorted(a)} vs {sorted(b)}"
+        score = {j: float(q[t, h].double() @ sums[j, h // group].double()) for j in a | b}
+        for x in a - b:
+            for y in b - a:
+                gap = abs(score[x] - score[y]) / max(abs(score[x]), abs(score[y]), 1e-30)
+                assert gap < 1e-5, f"query {t} head {h}: block {x} chosen over {y}, scores {score[x]} {score[y]}"
+    assert len(rows) <= 0.01 * fused.shape[0] * fused.shape[1]
