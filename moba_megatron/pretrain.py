@@ -7,9 +7,13 @@ The same command runs on CPU (gloo) and on GPUs (NCCL); see launch/ for multi-no
 
 from __future__ import annotations
 
-import torch.distributed as dist
+from .training.quiet import SUMMARY, fused_paths_missing, hide_known_warnings
 
-from .training import checkpoint
+hide_known_warnings()  # before megatron-core is first imported
+
+import torch.distributed as dist  # noqa: E402
+
+from .training import checkpoint  # noqa: E402
 from .training.arguments import parse_args
 from .training.data import IndexedGPTData, SyntheticRetrieval
 from .training.tokenizer import TOKENIZERS
@@ -45,6 +49,8 @@ def main(argv=None) -> None:
         optimizer = build_optimizer(model, args, device)
         scheduler = build_scheduler(optimizer, args)
         log = Logger(args, config)
+        if fused_paths_missing():
+            log(f"moba-pretrain: {SUMMARY}")
         world = dist.get_world_size()
         log(
             f"moba-pretrain: {world} rank(s) on {device} | TP {args.tensor_model_parallel_size} "
@@ -55,6 +61,8 @@ def main(argv=None) -> None:
         start = checkpoint.load(args.load, model, optimizer, scheduler) if args.load else 0
         if start:
             log(f"resumed from iteration {start} of {args.load}")
+        elif args.load:
+            log(f"--load {args.load}: no checkpoint there yet ({checkpoint.LATEST}); training from scratch")
         train(args, model, optimizer, scheduler, data, start, micro_batches, device, log)
     finally:
         from megatron.core import parallel_state

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None, help="checkpoint directory to resume from")
     g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after iterations divisible by this")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, every rank finishes its step, a checkpoint is saved (with --save) and the job exits 0")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and exit 0 once the job has run this long")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop with an error, before any save, at a non-finite loss or grad norm")
     return p
 
 

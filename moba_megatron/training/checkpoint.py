@@ -10,6 +10,8 @@ so an interrupted run resumes from the last finished save.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -89,10 +91,13 @@ def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     root = Path(directory)
     path = root / f"iter_{iteration:07d}"
     if dist.get_rank() == 0:
+        if path.exists() and latest_iteration(directory) != iteration:
+            shutil.rmtree(path)  # what an interrupted save of this iteration left behind
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded(model, optimizer, loading=False), str(path))
     torch.save({"rng": torch.get_rng_state()}, _rank_file(path))
+    _fault_in_save(iteration)
     if dist.get_rank() == 0:
         torch.save({"iteration": iteration, "scheduler": scheduler.state_dict()}, path / "train_state.pt")
     dist.barrier()
@@ -103,15 +108,39 @@ def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     dist.barrier()
 
 
+def latest_iteration(directory: str) -> int | None:
+    """The iteration of the last complete save under ``directory``, None if there is none."""
+    tracker = Path(directory) / LATEST
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} holds {text!r}, not an iteration")
+    return int(text)
+
+
+def _fault_in_save(iteration: int) -> None:
+    """Fault injection for the tests of interrupted saves: ``MOBA_FAULT_KILL_IN_SAVE=N`` kills the
+    last rank with SIGKILL in the save of iteration N, after its shards are written and before the
+    tracker names N (only in the first run of a torchrun job, not in its restarts)."""
+    target = os.environ.get("MOBA_FAULT_KILL_IN_SAVE")
+    first_run = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if target and int(target) == iteration and first_run and dist.get_rank() == dist.get_world_size() - 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def load(directory: str, model, optimizer, scheduler) -> int:
-    """Restore the latest checkpoint under ``directory``; returns its iteration."""
+    """Restore the latest checkpoint under ``directory``; returns its iteration, 0 where there is
+    none yet (as Megatron-LM: ``--save D --load D`` starts a run and resumes it after a restart)."""
     from megatron.core import dist_checkpointing
 
-    root = Path(directory)
-    if not (root / LATEST).is_file():
-        raise SystemExit(f"moba-pretrain: error: --load {directory}: no {LATEST} there (nothing was saved)")
-    iteration = int((root / LATEST).read_text())
-    path = root / f"iter_{iteration:07d}"
+    iteration = latest_iteration(directory)
+    if iteration is None:
+        return 0
+    path = Path(directory) / f"iter_{iteration:07d}"
+    if not path.is_dir():
+        raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} names iteration {iteration}, "
+                         f"but {path} is missing")
     state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
     model.module.load_state_dict(state["model"])
     _skip_torch_adam_step(optimizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import signal
 import sys
 import time
 
@@ -25,6 +27,50 @@ def flops_per_token(args, config) -> float:
         for n in range(1, layers + 1)
     )
     return 3 * (layers * per_layer + attention + 2 * h * args.vocab_size)
+
+
+_START = time.time()  # the job's start, as Megatron-LM counts --exit-duration-in-mins
+
+
+class Stopper:
+    """When to leave training before ``--train-iters``: ``--exit-interval``, SIGTERM with
+    ``--exit-signal-handler`` (SLURM's warning before a time limit or preemption), or
+    ``--exit-duration-in-mins``. Every rank takes the same decision after the same step: the
+    signal may reach one rank only, and clocks differ, so the flags are all-reduced."""
+
+    def __init__(self, args, device: str):
+        self.args, self.device = args, device
+        self.signalled = False
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def reason(self, iteration: int) -> str | None:
+        a = self.args
+        if a.exit_interval and iteration % a.exit_interval == 0:
+            return f"--exit-interval {a.exit_interval}"
+        if not (a.exit_signal_handler or a.exit_duration_in_mins is not None):
+            return None
+        late = a.exit_duration_in_mins is not None and (time.time() - _START) / 60 > a.exit_duration_in_mins
+        flags = torch.tensor([float(self.signalled), float(late)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "SIGTERM received, --exit-signal-handler"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {a.exit_duration_in_mins} reached"
+        return None
+
+
+def check_finite(args, iteration: int, loss: float, grad_norm) -> None:
+    """A non-finite loss or grad norm ends the run before anything is saved, so the last good
+    checkpoint stays the one ``--load`` picks (Megatron-LM's --check-for-nan-in-loss-and-grad)."""
+    for name, value in (("lm loss", loss), ("grad norm", grad_norm)):
+        if value is not None and not math.isfinite(float(value)):
+            kept = f"; the last checkpoint in {args.save} is kept" if args.save else ""
+            raise SystemExit(f"moba-pretrain: error: iteration {iteration}: {name} is {float(value)} "
+                             f"(not finite); stopped before saving{kept}")
 
 
 class Logger:
@@ -124,6 +170,7 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
     positions = mine[None].expand(args.micro_batch_size, -1)
     model.train()
     step = forward_backward_func(args, model, positions, micro_batches)
+    stopper = Stopper(args, device)
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     for iteration in range(start + 1, args.train_iters + 1):
         model.zero_grad_buffer()
@@ -149,11 +196,13 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
             if device == "cuda" and iteration == args.log_interval:
                 log.memory(iteration)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
-        if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or iteration == args.train_iters):
+        if args.check_for_nan_in_loss_and_grad:
+            check_finite(args, iteration, float(step_loss) / (dp_size * args.context_parallel_size), grad_norm)
+        stop = stopper.reason(iteration)
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop or iteration == args.train_iters):
             checkpoint.save(args.save, iteration, model, optimizer, scheduler)
             log(f"saved checkpoint at iteration {iteration} to {args.save}")
             window_start = time.perf_counter()  # saving time is not step time
-        if exiting:
-            log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+        if stop:
+            log(f"exiting at iteration {iteration} ({stop})")
             return

@@ -48,7 +48,8 @@ def init_distributed(args) -> str:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         enable_cpu_shims()
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=_rendezvous_store(rank, world),
+                            rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp
     )
@@ -56,6 +57,15 @@ def init_distributed(args) -> str:
     if device == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     return device
+
+
+def _rendezvous_store(rank: int, world: int):
+    """torchrun's store, under a prefix of its own for each restart of the workers: after
+    ``--max-restarts`` brings the job back, the store still holds the dead workers' addresses, and the
+    new ones would read those and fail to connect (or hang) before the first step."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"moba_megatron/attempt_{attempt}", store)
 
 
 def check_batch(args) -> int:
