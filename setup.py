@@ -17,12 +17,16 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.8"],
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "hf": ["transformers>=4.56", "tokenizers>=0.21", "safetensors>=0.4", "tqdm"],
+        "plot": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard", "transformers>=4.56", "tokenizers>=0.21",
+                 "safetensors>=0.4", "tqdm", "matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": [
             "moba-pretrain = moba_megatron.pretrain:main",
             "moba-demo = moba_megatron.demo:main",
+            "moba-convert = moba_megatron.tools.convert:main",
         ]
     },
 )

@@ -36,7 +36,7 @@ VARIANTS = {
 def run(config: str, iters: int, extra: list[str], flags: list[str], log_path: str | None) -> tuple[list, float | None]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            "-m", "moba_megatron.pretrain", "--config", config, "--train-iters", str(iters), "--log-interval", "1",
-           "--lr-warmup-iters", "1", *extra, *flags]
+           "--lr-warmup-iters", "1", "--eval-iters", "0", *extra, *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     text = proc.stdout + proc.stderr

@@ -15,21 +15,31 @@ import torch.distributed as dist  # noqa: E402
 
 from .training import checkpoint  # noqa: E402
 from .training.arguments import parse_args
-from .training.data import IndexedGPTData, SyntheticRetrieval
-from .training.tokenizer import TOKENIZERS
+from .training.data import IndexedGPTData, SyntheticRetrieval, SyntheticSplit
+from .training.tokenizer import build_tokenizer, padded_vocab_size
 from .training.loop import Logger, train
 from .training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from .training.setup import build_model, check_batch, fail, init_distributed, transformer_config
 
 
 def build_data(args):
+    """(train, validation or None) batches, and sets ``args.padded_vocab_size``."""
     try:
+        valid_samples = args.eval_iters * args.global_batch_size
         if not args.data_path:
-            return SyntheticRetrieval(args.vocab_size, args.seq_length, args.seed, args.retrieval_pairs)
-        tokenizer = TOKENIZERS[args.tokenizer_type]()
-        if args.vocab_size < tokenizer.vocab_size:
-            fail(f"--vocab-size {args.vocab_size} is smaller than the {args.tokenizer_type}'s {tokenizer.vocab_size} tokens")
-        return IndexedGPTData(args.data_path, tokenizer, args.seq_length, args.seed, args.train_iters * args.global_batch_size)
+            vocab = args.vocab_tokens = args.vocab_size or 256
+            task = SyntheticRetrieval(vocab, args.seq_length, args.seed, args.retrieval_pairs)
+            args.padded_vocab_size = padded_vocab_size(vocab, None, args.make_vocab_size_divisible_by,
+                                                       args.tensor_model_parallel_size)
+            valid = SyntheticSplit(task, SyntheticSplit.VALID) if valid_samples else None
+            return SyntheticSplit(task, SyntheticSplit.TRAIN), valid
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        args.vocab_tokens = max(tokenizer.vocab_size, args.vocab_size or 0)
+        args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.vocab_size, args.make_vocab_size_divisible_by,
+                                                   args.tensor_model_parallel_size, f"the {args.tokenizer_type}")
+        data = IndexedGPTData(args.data_path, tokenizer, args.seq_length, args.seed,
+                              args.train_iters * args.global_batch_size, args.split, valid_samples)
+        return data.train, data.valid
     except ValueError as e:
         fail(str(e))
 
@@ -44,13 +54,15 @@ def main(argv=None) -> None:
             fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
         if args.seq_length % args.tensor_model_parallel_size and args.sequence_parallel:
             fail(f"--seq-length {args.seq_length} must be divisible by --tensor-model-parallel-size with --sequence-parallel")
-        data = build_data(args)
+        data, valid = build_data(args)
         model = wrap_ddp(build_model(args, config, device), config, args)
         optimizer = build_optimizer(model, args, device)
         scheduler = build_scheduler(optimizer, args)
         log = Logger(args, config)
         if fused_paths_missing():
             log(f"moba-pretrain: {SUMMARY}")
+        log(f" > padded vocab (size: {args.vocab_tokens}) with {args.padded_vocab_size - args.vocab_tokens} "
+            f"dummy tokens (new size: {args.padded_vocab_size})")
         world = dist.get_world_size()
         log(
             f"moba-pretrain: {world} rank(s) on {device} | TP {args.tensor_model_parallel_size} "
@@ -58,12 +70,22 @@ def main(argv=None) -> None:
             f"| {sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size / 1e6:.2f}M parameters "
             f"| seq {args.seq_length}, MoBA block {args.moba_chunk_size} top-k {args.moba_topk}"
         )
-        start = checkpoint.load(args.load, model, optimizer, scheduler) if args.load else 0
-        if start:
-            log(f"resumed from iteration {start} of {args.load}")
+        start = 0
+        if args.load and args.save and dist.get_rank() == 0:
+            from .tools.convert import carry_model_files
+
+            carry_model_files(args.load, args.save)  # the model's config and tokenizer travel with it
+        if args.load and (args.finetune or checkpoint.holds_weights_only(args.load)):
+            loaded = checkpoint.load_weights(args.load, model)
+            log(f"loaded the weights of {args.load} (iteration {loaded}); training from iteration 0 "
+                "with a fresh optimizer and schedule")
         elif args.load:
-            log(f"--load {args.load}: no checkpoint there yet ({checkpoint.LATEST}); training from scratch")
-        train(args, model, optimizer, scheduler, data, start, micro_batches, device, log)
+            start = checkpoint.load(args.load, model, optimizer, scheduler)
+            if start:
+                log(f"resumed from iteration {start} of {args.load}")
+            else:
+                log(f"--load {args.load}: no checkpoint there yet ({checkpoint.LATEST}); training from scratch")
+        train(args, model, optimizer, scheduler, data, valid, start, micro_batches, device, log)
     finally:
         from megatron.core import parallel_state
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from .tokenizer import TOKENIZER_TYPES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core.")
@@ -22,11 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups; default: one per head")
     g.add_argument("--seq-length", type=int, default=512)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
-    g.add_argument("--vocab-size", type=int, default=256)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="default: the tokenizer's size (the synthetic task: 256); padded as Megatron-LM pads it")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x the tensor-parallel size")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--kv-channels", type=int, default=None, help="head dim; default: hidden size / heads")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers (Llama)")
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-base", type=float, default=10000)
+    g.add_argument("--use-rope-scaling", action="store_true", help="Llama-3.x RoPE frequency scaling")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
 
     g = p.add_argument_group("moba")
@@ -74,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="indexed dataset prefix(es) (PREFIX.bin/.idx); default: synthetic retrieval data")
-    g.add_argument("--tokenizer-type", default="ByteTokenizer", choices=["ByteTokenizer"])
+    g.add_argument("--tokenizer-type", default="ByteTokenizer", choices=TOKENIZER_TYPES,
+                   help="with --data-path: the tokenizer the data was made with (megatron-core's)")
+    g.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a local folder with tokenizer.json")
+    g.add_argument("--split", default="969,30,1", help="train,validation,test weights of the indexed data's documents")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--eval-interval", type=int, default=1000, help="iterations between validations")
+    g.add_argument("--eval-iters", type=int, default=100,
+                   help="global batches per validation (0: none); a last validation runs after training")
     g.add_argument("--retrieval-pairs", type=int, default=1, help="synthetic data: key/value needles per sequence")
 
     g = p.add_argument_group("logging and checkpoints")
@@ -82,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--save", default=None, help="checkpoint directory to save to")
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from (none there yet: start)")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: the weights only; iteration 0, a fresh optimizer and schedule")
     g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after iterations divisible by this")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, every rank finishes its step, a checkpoint is saved (with --save) and the job exits 0")
@@ -93,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """``parser``: the job's (``build_parser()``) with more arguments of a tool added, or None."""
+    parser = parser or build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config is not None:
         parser.set_defaults(**load_config(first.config, parser))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
 
 
 def _rank_file(path: Path) -> Path:
@@ -100,23 +101,81 @@ def save(directory: str, iteration: int, model, optimizer, scheduler) -> None:
     _fault_in_save(iteration)
     if dist.get_rank() == 0:
         torch.save({"iteration": iteration, "scheduler": scheduler.state_dict()}, path / "train_state.pt")
+    _track(root, str(iteration))
+
+
+def _track(root: Path, name: str) -> None:
+    """Once every rank has written its part: rank 0 points the tracker at ``name`` (atomically)."""
     dist.barrier()
     if dist.get_rank() == 0:
         tmp = root / (LATEST + ".tmp")
-        tmp.write_text(str(iteration))
+        tmp.write_text(name)
         os.replace(tmp, root / LATEST)
     dist.barrier()
 
 
-def latest_iteration(directory: str) -> int | None:
-    """The iteration of the last complete save under ``directory``, None if there is none."""
+def _tracked(directory: str) -> str | None:
+    """What the tracker names: an iteration, or "release" (converted weights, Megatron-LM's name)."""
     tracker = Path(directory) / LATEST
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
-    if not text.isdigit():
+    if not (text.isdigit() or text == RELEASE):
         raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} holds {text!r}, not an iteration")
-    return int(text)
+    return text
+
+
+def holds_weights_only(directory: str) -> bool:
+    """Whether ``directory``'s checkpoint is released weights (no optimizer or schedule state)."""
+    return _tracked(directory) == RELEASE
+
+
+def checkpoint_path(directory: str, tracked: str) -> Path:
+    return Path(directory) / (RELEASE if tracked == RELEASE else f"iter_{int(tracked):07d}")
+
+
+def latest_iteration(directory: str) -> int | None:
+    """The iteration of the last complete save under ``directory`` (0 for released weights), None
+    if there is none."""
+    tracked = _tracked(directory)
+    return None if tracked is None else 0 if tracked == RELEASE else int(tracked)
+
+
+def _existing(directory: str, tracked: str) -> Path:
+    path = checkpoint_path(directory, tracked)
+    if not path.is_dir():
+        raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} names {tracked}, but {path} is missing")
+    return path
+
+
+def save_weights(directory: str, model) -> None:
+    """The model alone as released weights (``release/``, as converters write them): what
+    ``--load`` then starts from at iteration 0, with a fresh optimizer."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(directory)
+    path = root / RELEASE
+    if dist.get_rank() == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(path))
+    _track(root, RELEASE)
+
+
+def load_weights(directory: str, model) -> int:
+    """The model's weights from the latest checkpoint (any layout); returns its iteration. Used by
+    ``--finetune`` and for released weights: no optimizer, schedule or RNG state."""
+    from megatron.core import dist_checkpointing
+
+    tracked = _tracked(directory)
+    if tracked is None:
+        raise SystemExit(f"moba-pretrain: error: --load {directory} --finetune: no checkpoint there ({LATEST} missing)")
+    module = getattr(model, "module", model)  # the job's DDP wrapper, or a bare model
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(_existing(directory, tracked)))
+    module.load_state_dict(state["model"])
+    return 0 if tracked == RELEASE else int(tracked)
 
 
 def _fault_in_save(iteration: int) -> None:
@@ -131,16 +190,17 @@ def _fault_in_save(iteration: int) -> None:
 
 def load(directory: str, model, optimizer, scheduler) -> int:
     """Restore the latest checkpoint under ``directory``; returns its iteration, 0 where there is
-    none yet (as Megatron-LM: ``--save D --load D`` starts a run and resumes it after a restart)."""
+    none yet (as Megatron-LM: ``--save D --load D`` starts a run and resumes it after a restart) or
+    where it holds released weights (loaded; the optimizer starts fresh)."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(directory)
-    if iteration is None:
+    tracked = _tracked(directory)
+    if tracked is None:
         return 0
-    path = Path(directory) / f"iter_{iteration:07d}"
-    if not path.is_dir():
-        raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} names iteration {iteration}, "
-                         f"but {path} is missing")
+    if tracked == RELEASE:
+        load_weights(directory, model)
+        return 0
+    path = _existing(directory, tracked)
     state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))
     model.module.load_state_dict(state["model"])
     _skip_torch_adam_step(optimizer)

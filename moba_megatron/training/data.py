@@ -32,10 +32,25 @@ class SyntheticRetrieval:
         self.position = torch.empty(vocab_size, dtype=torch.long)
         self.position[self.cycle] = torch.arange(vocab_size - FIRST_FILLER)
 
-    def sample(self, index: int) -> torch.Tensor:
-        """Tokens ``[seq_length + 1]``: inputs are ``[:-1]``, labels ``[1:]``."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+    def sample(self, index: int, stream: int = 0) -> torch.Tensor:
+        """Tokens ``[seq_length + 1]``: inputs are ``[:-1]``, labels ``[1:]``. Streams are disjoint
+        sample sequences (training 0, validation 1); the CPU generator takes 32-bit seeds."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index + stream * 0x9E3779B9) % 2**32)
         n = self.seq_length + 1
+        fillers = self.vocab_size - FIRST_FILLER
+        tokens = self._filler(g, n)
+        keys = FIRST_FILLER + torch.randperm(fillers, generator=g)[: self.pairs]
+        values = FIRST_FILLER + torch.randint(fillers, (self.pairs,), generator=g)
+        half = n // 2
+        slots = torch.randperm(max(1, (half - 1) // 3), generator=g)[: self.pairs] * 3 + 1
+        for s, k, v in zip(slots.tolist(), keys.tolist(), values.tolist()):
+            tokens[s : s + 3] = torch.tensor([KEY, k, v])
+        asked = int(torch.randint(self.pairs, (1,), generator=g))
+        tokens[-3:] = torch.tensor([QUERY, int(keys[asked]), int(values[asked])])
+        return tokens
+
+    def _filler(self, g: torch.Generator, n: int) -> torch.Tensor:
+        """``n`` tokens of the noisy bigram chain, ``BOS`` first."""
         fillers = self.vocab_size - FIRST_FILLER
         noise = torch.rand(n, generator=g) < self.noise
         noise[0] = True
@@ -47,26 +62,49 @@ class SyntheticRetrieval:
         start = self.position[random_tokens[last_reset]]
         tokens = self.cycle[(start + steps - last_reset) % fillers]
         tokens[0] = BOS
-        keys = FIRST_FILLER + torch.randperm(fillers, generator=g)[: self.pairs]
-        values = FIRST_FILLER + torch.randint(fillers, (self.pairs,), generator=g)
-        half = n // 2
-        slots = torch.randperm(max(1, (half - 1) // 3), generator=g)[: self.pairs] * 3 + 1
-        for s, k, v in zip(slots.tolist(), keys.tolist(), values.tolist()):
-            tokens[s : s + 3] = torch.tensor([KEY, k, v])
-        asked = int(torch.randint(self.pairs, (1,), generator=g))
-        tokens[-3:] = torch.tensor([QUERY, int(keys[asked]), int(values[asked])])
         return tokens
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.stack([self.sample(i) for i in indices])
+    def needle(self, index: int, length: int, depth: float) -> torch.Tensor:
+        """A retrieval probe of ``length + 1`` tokens (inputs ``[:-1]``): one ``KEY k v`` needle at
+        ``depth`` (0: the start, 1: just before the question) and ``QUERY k v`` at the end, so the
+        last input's label is ``v``. Its own stream of samples, apart from training and validation."""
+        if length < 8:
+            raise ValueError(f"a needle probe needs at least 8 tokens, got length {length}")
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index + 2 * 0x9E3779B9) % 2**32)
+        n = length + 1
+        tokens = self._filler(g, n)
+        fillers = self.vocab_size - FIRST_FILLER
+        key, value = (FIRST_FILLER + torch.randint(fillers, (2,), generator=g)).tolist()
+        at = 1 + round(depth * (n - 7))
+        tokens[at : at + 3] = torch.tensor([KEY, key, value])
+        tokens[-3:] = torch.tensor([QUERY, key, value])
+        return tokens
+
+    def batch(self, indices: list[int], stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.stack([self.sample(i, stream) for i in indices])
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+class SyntheticSplit:
+    """A split of the synthetic task: its own stream of samples, so the validation split never
+    meets a training sample (an unbounded task needs no ``--split`` ratios)."""
+
+    TRAIN, VALID = 0, 1
+
+    def __init__(self, task: SyntheticRetrieval, stream: int):
+        self.task, self.stream = task, stream
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.task.batch(indices, self.stream)
 
 
 class IndexedGPTData:
     """Megatron indexed dataset(s) (``PREFIX.bin``/``PREFIX.idx``) through megatron-core's GPTDataset:
-    documents concatenated and cut into ``seq_length + 1`` token samples, shuffled by seed."""
+    documents concatenated and cut into ``seq_length + 1`` token samples, shuffled by seed, split
+    into train / validation / test documents by ``split`` ("969,30,1" as in Megatron-LM)."""
 
-    def __init__(self, prefixes: list[str], tokenizer, seq_length: int, seed: int, num_samples: int):
+    def __init__(self, prefixes: list[str], tokenizer, seq_length: int, seed: int, num_samples: int,
+                 split: str = "100,0,0", valid_samples: int = 0):
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -81,15 +119,28 @@ class IndexedGPTData:
             random_seed=seed,
             sequence_length=seq_length,
             blend=(prefixes, None),
-            split="100,0,0",
+            split=split,
             tokenizer=tokenizer,
             reset_position_ids=False,
             reset_attention_mask=False,
             eod_mask_loss=False,
             create_attention_mask=False,
         )
-        self.dataset = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()[0]
+        sizes = [num_samples, valid_samples or None, None]
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        if train is None:
+            raise ValueError(f"--split {split} leaves no documents for training")
+        self.train = _Samples(train)
+        self.valid = _Samples(valid) if valid is not None and valid_samples else None
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        samples = [self.dataset[i] for i in indices]
+        return self.train.batch(indices)
+
+
+class _Samples:
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [self.dataset[i % len(self.dataset)] for i in indices]
         return torch.stack([s["tokens"] for s in samples]).long(), torch.stack([s["labels"] for s in samples]).long()

@@ -26,7 +26,7 @@ def flops_per_token(args, config) -> float:
         4 * h * (full_keys if (not args.moba_enabled or n in args.moba_full_attn_layers) else moba_keys)
         for n in range(1, layers + 1)
     )
-    return 3 * (layers * per_layer + attention + 2 * h * args.vocab_size)
+    return 3 * (layers * per_layer + attention + 2 * h * args.padded_vocab_size)
 
 
 _START = time.time()  # the job's start, as Megatron-LM counts --exit-duration-in-mins
@@ -80,7 +80,7 @@ class Logger:
         self.flops = flops_per_token(args, config)
         self.interactive = self.rank0 and sys.stdout.isatty()
         self.writer = None
-        if args.tensorboard_dir and self.rank0:
+        if args.tensorboard_dir and dist.get_rank() in (0, dist.get_world_size() - 1):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -90,6 +90,18 @@ class Logger:
     def __call__(self, message: str) -> None:
         if self.rank0:
             print(("\r\033[K" if self.interactive else "") + message, flush=True)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        """Megatron-LM's validation lines, printed by the last rank (which holds the last stage)."""
+        ppl = math.exp(min(20.0, loss))
+        if dist.get_rank() == dist.get_world_size() - 1:
+            line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+            rule = "-" * len(line)
+            print(("\r\033[K" if self.interactive else "") + f"{rule}\n{line}\n{rule}", flush=True)
+        if self.writer is not None:
+            self.writer.add_scalar("lm loss validation", loss, iteration)
+            self.writer.add_scalar("lm loss validation ppl", ppl, iteration)
+            self.writer.flush()
 
     def progress(self, iteration: int) -> None:
         if self.interactive:
@@ -121,7 +133,7 @@ class Logger:
             self.writer.flush()
 
 
-def forward_backward_func(args, model, positions, micro_batches: int):
+def forward_backward_func(args, model, positions, micro_batches: int, forward_only: bool = False):
     """One step's forward and backward over its micro batches through megatron-core's schedule
     (1F1B across stages when PP > 1). Returns a function of the micro-batch iterator that gives the
     step's mean loss on the last pipeline stage (0 on the others)."""
@@ -145,7 +157,7 @@ def forward_backward_func(args, model, positions, micro_batches: int):
     def step(batches) -> torch.Tensor:
         reported = schedule(
             forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=micro_batches,
-            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False,
+            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=forward_only,
         )
         loss = torch.zeros((), device=positions.device)
         for item in reported:  # the last stage's per-micro-batch losses
@@ -155,14 +167,48 @@ def forward_backward_func(args, model, positions, micro_batches: int):
     return step
 
 
-def train(args, model, optimizer, scheduler, data, start: int, micro_batches: int, device: str, log: Logger):
+def _micro_batches(args, data, first_sample: int, micro_batches: int, mine, device):
+    """This data-parallel rank's micro batches of the global batch starting at ``first_sample``,
+    cut to this context-parallel rank's positions."""
+    from megatron.core import parallel_state
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    batches = []
+    for micro in range(micro_batches):
+        first = first_sample + (micro * dp_size + dp_rank) * args.micro_batch_size
+        batches.append([x.to(device)[:, mine] for x in data.batch(list(range(first, first + args.micro_batch_size)))])
+    return batches
+
+
+def _global_mean(loss: torch.Tensor) -> float:
+    """The step's mean loss over stages (from the last) and data/context-parallel ranks."""
+    from megatron.core import parallel_state
+
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # from the last stage
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return float(loss) / dist.get_world_size(parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def evaluate(args, model, valid, positions, mine, micro_batches: int, device: str) -> float:
+    """Mean lm loss over the first ``--eval-iters`` global batches of the validation data (the same
+    ones every time, so validations compare), forward only."""
+    step = forward_backward_func(args, model, positions, micro_batches, forward_only=True)
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(args.eval_iters):
+            total += _global_mean(step(iter(_micro_batches(args, valid, i * args.global_batch_size, micro_batches, mine, device))))
+    model.train()
+    return total / args.eval_iters
+
+
+def train(args, model, optimizer, scheduler, data, valid, start: int, micro_batches: int, device: str, log: Logger):
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
     from ..parallel import local_positions
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
     # This rank's share of every sequence under context parallelism (all positions at CP=1). Every
     # CP rank holds as many tokens, so each averages its own and DDP's average over the
     # data-and-context-parallel ranks gives the global mean's gradient.
@@ -171,21 +217,19 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
     model.train()
     step = forward_backward_func(args, model, positions, micro_batches)
     stopper = Stopper(args, device)
+    validate = valid is not None and args.eval_iters > 0
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    iteration = start
     for iteration in range(start + 1, args.train_iters + 1):
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        batches = []
-        for micro in range(micro_batches):
-            first = (iteration - 1) * args.global_batch_size + (micro * dp_size + dp_rank) * args.micro_batch_size
-            batches.append([x.to(device)[:, mine] for x in data.batch(list(range(first, first + args.micro_batch_size)))])
+        batches = _micro_batches(args, data, (iteration - 1) * args.global_batch_size, micro_batches, mine, device)
         step_loss = step(iter(batches))
         finalize_model_grads([model])
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
-        dist.all_reduce(step_loss, group=parallel_state.get_pipeline_model_parallel_group())  # from the last stage
-        dist.all_reduce(step_loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        window_loss += float(step_loss) / (dp_size * args.context_parallel_size)
+        loss = _global_mean(step_loss)
+        window_loss += loss
         window_steps += 1
         log.progress(iteration)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -197,7 +241,7 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
                 log.memory(iteration)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         if args.check_for_nan_in_loss_and_grad:
-            check_finite(args, iteration, float(step_loss) / (dp_size * args.context_parallel_size), grad_norm)
+            check_finite(args, iteration, loss, grad_norm)
         stop = stopper.reason(iteration)
         if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop or iteration == args.train_iters):
             checkpoint.save(args.save, iteration, model, optimizer, scheduler)
@@ -206,3 +250,8 @@ def train(args, model, optimizer, scheduler, data, start: int, micro_batches: in
         if stop:
             log(f"exiting at iteration {iteration} ({stop})")
             return
+        if validate and args.eval_interval and iteration % args.eval_interval == 0 and iteration < args.train_iters:
+            log.validation(iteration, evaluate(args, model, valid, positions, mine, micro_batches, device))
+            window_start = time.perf_counter()  # validation time is not step time
+    if validate:  # after training, as Megatron-LM validates at the end
+        log.validation(iteration, evaluate(args, model, valid, positions, mine, micro_batches, device))

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
+from ..megatron.model import build_gpt_model
 from ..megatron.cpu import enable_cpu_shims, sequence_parallel_block
 from ..parallel import check_cp_split
 
@@ -96,6 +97,9 @@ def transformer_config(args) -> MoBATransformerConfig:
             num_attention_heads=args.num_attention_heads,
             num_query_groups=args.num_query_groups or args.num_attention_heads,
             normalization=args.normalization,
+            layernorm_epsilon=args.norm_epsilon,
+            kv_channels=args.kv_channels,
+            add_bias_linear=not args.disable_bias_linear,
             gated_linear_unit=args.swiglu,
             activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
             hidden_dropout=args.hidden_dropout,
@@ -143,23 +147,14 @@ def _fused_norms() -> bool:
 
 
 def build_model(args, config, device: str):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     spec = get_gpt_layer_with_moba_spec(use_te=None if device == "cuda" else False, normalization=args.normalization)
     if args.sequence_parallel and (device == "cpu" or not _fused_norms()):
         # megatron's torch norm refuses sequence parallelism; apex/TE norms do not run on CPU
         spec = sequence_parallel_block(spec, config.num_layers)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=args.vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=args.rotary_base,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+    model = build_gpt_model(
+        config, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+        rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+        share_embeddings=not args.untie_embeddings_and_output_weights, layer_spec=spec,
     )
     model = model.to(device)
     if config.bf16:  # megatron's mixed precision: bf16 weights, fp32 logits for the loss

@@ -30,7 +30,7 @@ def spawn_ranks(fn, world: int, **kwargs) -> None:
     mp.spawn(_run_rank, args=(fn, world, free_port(), kwargs), nprocs=world, join=True)
 
 
-def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 1, device: str = "cpu") -> None:
+def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 1, device: str = "cpu", pp: int = 1) -> None:
     from megatron.core import parallel_state
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -39,7 +39,8 @@ def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 
     else:
         enable_cpu_shims()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                             pipeline_model_parallel_size=pp)
     if device == "cuda":  # dropout regions fork the model-parallel CUDA RNG even at p=0
         from megatron.core import tensor_parallel
 

@@ -1,39 +1,73 @@
-"""Data: the preprocessing tool, indexed datasets through megatron-core, the synthetic task."""
+"""Data: the preprocessing tool (Megatron-LM's flags and names), megatron-core's tokenizers and
+indexed datasets, the vocabulary padding, the synthetic task."""
 
 import json
 
 import pytest
 import torch
 
+from moba_megatron.tools.preprocess_data import main as preprocess_main
 from moba_megatron.tools.preprocess_data import preprocess
-from moba_megatron.training.data import KEY, QUERY, IndexedGPTData, SyntheticRetrieval
-from moba_megatron.training.tokenizer import ByteTokenizer
+from moba_megatron.training.data import KEY, QUERY, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
+from moba_megatron.training.tokenizer import build_tokenizer, padded_vocab_size
 
 
 def test_preprocess_jsonl_and_text_round_trip(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     docs = ["héllo world", "second document", "x"]
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d, "title": d.upper()}) + "\n" for d in docs))
     (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
-    tok = ByteTokenizer()
+    tok = build_tokenizer("ByteTokenizer")
     for name in ("c.jsonl", "c.txt"):
-        prefix = tmp_path / f"out-{name}"
-        assert preprocess(tmp_path / name, prefix) == 3
-        ds = IndexedDataset(str(prefix))
-        assert [tok.detokenize(ds[i]) for i in range(len(ds))] == docs
+        prefix = str(tmp_path / f"out-{name}")
+        assert preprocess(tmp_path / name, prefix, ["text"], append_eod=True) == {"text": 3}
+        ds = IndexedDataset(f"{prefix}_text_document")
+        assert [tok.detokenize(ds[i][:-1].tolist()) for i in range(len(ds))] == docs
         assert all(int(ds[i][-1]) == tok.eod for i in range(len(ds)))
+    # several keys, several worker processes: one dataset per key, documents in order, no EOD
+    preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "k"),
+                     "--json-keys", "text", "title", "--workers", "2"])
+    for key, want in (("text", docs), ("title", [d.upper() for d in docs])):
+        ds = IndexedDataset(str(tmp_path / f"k_{key}_document"))
+        assert [tok.detokenize(ds[i].tolist()) for i in range(len(ds))] == want
 
 
-def test_indexed_samples_and_missing_paths(tmp_path):
+def test_preprocess_bad_input_names_the_problem(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(SystemExit, match=r"c.jsonl:2: not a JSON object with the key\(s\) \['text'\]"):
+        preprocess(tmp_path / "c.jsonl", str(tmp_path / "o"), ["text"])
+    for flags, message in (
+        (["--tokenizer-type", "HuggingFaceTokenizer"], "needs --tokenizer-model DIR"),
+        (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)], "no tokenizer.json there"),
+        (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "nope")], "no such folder"),
+    ):
+        with pytest.raises(SystemExit):
+            preprocess_main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"), *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_vocab_follows_the_tokenizer_padded_as_megatron_pads_it():
+    assert padded_vocab_size(50257, None, 128, 1) == 50304
+    assert padded_vocab_size(50257, None, 128, 2) == 50432
+    assert padded_vocab_size(256, 1000, 128, 1) == 1024
+    with pytest.raises(ValueError, match="--vocab-size 100 is smaller than the tokenizer's 256 tokens"):
+        padded_vocab_size(256, 100, 128, 1)
+
+
+def test_indexed_samples_splits_and_missing_paths(tmp_path):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abc " * n}) + "\n" for n in range(1, 60)))
-    preprocess(tmp_path / "c.jsonl", tmp_path / "c")
-    data = IndexedGPTData([str(tmp_path / "c")], ByteTokenizer(), seq_length=32, seed=1, num_samples=10)
+    preprocess(tmp_path / "c.jsonl", str(tmp_path / "c"), ["text"], append_eod=True)
+    tok = build_tokenizer("ByteTokenizer")
+    data = IndexedGPTData([str(tmp_path / "c_text_document")], tok, seq_length=32, seed=1, num_samples=10,
+                          split="80,20,0", valid_samples=4)
     tokens, labels = data.batch([0, 1, 2])
     assert tokens.shape == labels.shape == (3, 32) and tokens.dtype == torch.long
     assert torch.equal(tokens[:, 1:], labels[:, :-1])  # labels are the next tokens
+    assert data.valid is not None and data.valid.batch([0, 1])[0].shape == (2, 32)
+    assert IndexedGPTData([str(tmp_path / "c_text_document")], tok, 32, 1, 10, "100,0,0", 4).valid is None
     with pytest.raises(ValueError, match=r"--data-path .*nope: .*nope.bin and .*nope.idx not found; build them with"):
-        IndexedGPTData([str(tmp_path / "nope")], ByteTokenizer(), 32, 1, 10)
+        IndexedGPTData([str(tmp_path / "nope")], tok, 32, 1, 10)
 
 
 def test_synthetic_retrieval_plants_and_asks_needles():
@@ -44,5 +78,7 @@ def test_synthetic_retrieval_plants_and_asks_needles():
     key, value = int(sample[-2]), int(sample[-1])
     planted = (sample[:100] == KEY).nonzero().flatten().tolist()
     assert any(int(sample[p + 1]) == key and int(sample[p + 2]) == value for p in planted)
+    valid = SyntheticSplit(data, SyntheticSplit.VALID)
+    assert not torch.equal(valid.batch([0])[0], SyntheticSplit(data, SyntheticSplit.TRAIN).batch([0])[0])
     with pytest.raises(ValueError, match="--seq-length 10 is too short"):
         SyntheticRetrieval(64, 10, 0, pairs=2)

@@ -1,5 +1,6 @@
 """The pretraining job end to end on CPU: torchrun with 2 gloo ranks, as the README runs it."""
 
+import math
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: (\S+) \| lm loss PPL: (\S+) \|")
 LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*\| lm loss: (\S+) \|")
 SMALL = ["--config", "configs/tiny-cpu.yaml", "--seq-length", "256", "--log-interval", "1", "--lr-warmup-iters", "0",
          "--global-batch-size", "8"]
@@ -51,15 +53,55 @@ def test_other_warnings_still_show():
     assert [str(w.message) for w in seen] == ["a real problem"]
 
 
-def test_trains_on_an_indexed_dataset(tmp_path):
+def bpe_tokenizer(folder, text: str) -> None:
+    """A small byte-level BPE tokenizer trained on ``text`` with the tokenizers library, saved as a
+    Hugging Face tokenizer folder (tokenizer.json, eos_token set)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text.splitlines(), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
+
+
+def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
     import json
 
-    from moba_megatron.tools.preprocess_data import preprocess
-
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "moba routes blocks " * n}) + "\n" for n in range(1, 80)))
-    preprocess(tmp_path / "c.jsonl", tmp_path / "c")
-    found = losses(pretrain(*SMALL, "--train-iters", "8", "--data-path", str(tmp_path / "c"), "--vocab-size", "260"))
+    pytest.importorskip("transformers")
+    lines = [f"block {i % 7} routes query {i % 11} to key {(3 * i) % 13} at depth {i % 5}" for i in range(400)]
+    bpe_tokenizer(tmp_path / "tok", "\n".join(lines))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i : i + 8])}) + "\n" for i in range(0, 400, 8)))
+    subprocess.run([sys.executable, "-m", "moba_megatron.tools.preprocess_data", "--input", str(tmp_path / "c.jsonl"),
+                    "--output-prefix", str(tmp_path / "c"), "--tokenizer-type", "HuggingFaceTokenizer",
+                    "--tokenizer-model", str(tmp_path / "tok"), "--append-eod", "--workers", "2"],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    data = ["--data-path", str(tmp_path / "c_text_document"), "--tokenizer-type", "HuggingFaceTokenizer",
+            "--tokenizer-model", str(tmp_path / "tok"), "--split", "90,10,0"]
+    result = pretrain(*SMALL, "--train-iters", "8", *data, "--eval-interval", "4", "--eval-iters", "2",
+                      "--tensorboard-dir", str(tmp_path / "tb"))
+    found = losses(result)
     assert sorted(found) == list(range(1, 9)) and float(found[8]) < float(found[1])
+    validation = VALIDATION.findall(result.stdout)
+    assert [int(i) for i, _, _ in validation] == [4, 8]  # every --eval-interval, and after training
+    for _, loss, ppl in validation:
+        assert abs(math.exp(float(loss)) - float(ppl)) < 1e-4 * float(ppl)
+    assert float(validation[1][1]) < float(validation[0][1])
+    vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    padded = -(-len(vocab) // 128) * 128  # --make-vocab-size-divisible-by 128, TP 1
+    assert f"padded vocab (size: {len(vocab)}) with {padded - len(vocab)} dummy tokens (new size: {padded})" in result.stdout
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
+    # an explicit --vocab-size below the tokenizer's is one clear line
+    bad = pretrain(*SMALL, "--train-iters", "2", *data, "--vocab-size", "100", check=False)
+    assert bad.returncode != 0 and f"--vocab-size 100 is smaller than the HuggingFaceTokenizer's {len(vocab)} tokens" in bad.stderr
+
+
+def test_synthetic_task_validates(tmp_path):
+    result = pretrain(*SMALL, "--train-iters", "6", "--eval-interval", "3", "--eval-iters", "2")
+    assert [int(i) for i, _, _ in VALIDATION.findall(result.stdout)] == [3, 6]
 
 
 def test_resume_is_exact_and_reshards(tmp_path):
@@ -150,8 +192,12 @@ def test_8_gpu_layout_matches_single_rank():
         (["--config", "configs/tiny-cpu.yaml", "--train-iters", "3"], "--lr-warmup-iters 5 must be below --train-iters 3"),
         (["--config", "configs/tiny-cpu.yaml", "--recompute-method", "block"],
          "--recompute-method applies to --recompute-granularity full only"),
-        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--vocab-size", "300"],
+        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus"],
          "/nonexistent/corpus.bin and /nonexistent/corpus.idx not found"),
+        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer"],
+         "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR"),
+        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer",
+          "--tokenizer-model", "/nonexistent/tok"], "--tokenizer-model /nonexistent/tok: no such folder"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

@@ -1,0 +1,218 @@
+"""Long-context retrieval: accuracy by context length and needle depth, for a checkpoint.
+
+    torchrun --nproc-per-node 1 -m moba_megatron.eval.needle --config CKPT/moba-config.yaml --load CKPT \\
+        --lengths 4096,16384,32768 --depths 0,0.25,0.5,0.75,1 --out needle [--moba-disable] [job flags]
+
+Models of the synthetic retrieval task (no tokenizer) get the task's needles: ``KEY k v`` at the
+depth, ``QUERY k`` at the end, and the answer ``v``. Models with a Hugging Face tokenizer
+(``--tokenizer-model``) get a text passkey: a number hidden in filler text, asked for at the end.
+A probe counts as retrieved when every answer token is the model's top prediction (teacher forced).
+Writes ``OUT/needle.json`` (a list of ``{"length", "depth", "accuracy"}``) and ``OUT/needle.png``
+(a heatmap; needs matplotlib, the ``[plot]`` extra). Runs at any TP and CP (``--lengths`` must then
+split into whole MoBA blocks per CP chunk); PP must be 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..training.quiet import SUMMARY, fused_paths_missing, hide_known_warnings
+
+hide_known_warnings()  # before megatron-core is first imported
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse(argv=None):
+    from ..training.arguments import build_parser, parse_args
+
+    parser = build_parser()
+    parser.prog = "python -m moba_megatron.eval.needle"
+    g = parser.add_argument_group("needle")
+    g.add_argument("--lengths", type=_ints, required=True, help="context lengths in tokens, comma-separated")
+    g.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    g.add_argument("--samples", type=int, default=10, help="probes per (length, depth)")
+    g.add_argument("--out", type=Path, required=True, help="folder for needle.json and needle.png")
+    args = parse_args(argv, parser)
+    if not args.load:
+        parser.error("--load CKPT is required: the model to evaluate")
+    for d in args.depths:
+        if not 0.0 <= d <= 1.0:
+            parser.error(f"--depths: {d} is not in [0, 1]")
+    return args
+
+
+class SyntheticProbes:
+    """The synthetic task's needles; the answer is the last label."""
+
+    def __init__(self, args):
+        from ..training.data import SyntheticRetrieval
+
+        self.task = SyntheticRetrieval(args.vocab_size or 256, 64, args.seed)
+
+    def probe(self, index: int, length: int, depth: float):
+        tokens = self.task.needle(index, length, depth)
+        return tokens, [length - 1]  # inputs tokens[:-1]; the answer is tokens[length]
+
+
+class PasskeyProbes:
+    """A number hidden in filler text; the answer is its tokens after "The pass key is"."""
+
+    def __init__(self, args):
+        from ..training.tokenizer import build_tokenizer
+
+        self.tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        self.intro = self.tok.tokenize("There is important information hidden in this text. Find it and remember it.")
+        self.filler = self.tok.tokenize(_FILLER)
+        self.question = self.tok.tokenize(" What is the pass key? The pass key is")
+
+    def probe(self, index: int, length: int, depth: float):
+        key = str(10000 + (index * 7919 + length) % 90000)
+        needle = self.tok.tokenize(f" The pass key is {key}. Remember it. {key} is the pass key.")
+        answer = self.tok.tokenize(f" {key}")
+        room = length + 1 - len(self.intro) - len(needle) - len(self.question) - len(answer)
+        if room < 0:
+            raise ValueError(f"--lengths {length} is too short for the passkey text ({length - room} tokens)")
+        filler = (self.filler * math.ceil(room / max(1, len(self.filler))))[:room]
+        at = round(depth * room)
+        ids = self.intro + filler[:at] + needle + filler[at:] + self.question + answer
+        first = len(ids) - len(answer)  # the answer's tokens are the labels of inputs first-1 ...
+        return torch.tensor(ids), list(range(first - 1, len(ids) - 1))
+
+
+def _top_predictions(model, tokens: torch.Tensor, mine: torch.Tensor, answer_at: list[int], device: str):
+    """The model's top token at each of the global input positions ``answer_at`` that this CP rank
+    holds: ``{position: token}``."""
+    from megatron.core import parallel_state
+
+    inputs = tokens[None, :-1].to(device)[:, mine]
+    with torch.no_grad():
+        logits = model(inputs, mine[None], None)[0]  # [local tokens, vocab / TP]
+    local = {int(p): i for i, p in enumerate(mine.tolist())}
+    rows = [local[p] for p in answer_at if p in local]
+    picked = logits[rows].float() if rows else logits[:0].float()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(picked) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, picked.contiguous(), group=tp_group)
+    top = torch.cat(parts, -1).argmax(-1).tolist()
+    return dict(zip([p for p in answer_at if p in local], top))
+
+
+def evaluate(args, model, probes, device: str) -> list[dict]:
+    from megatron.core import parallel_state
+
+    from ..parallel import check_cp_split, local_positions
+
+    cp = args.context_parallel_size
+    cp_rank = parallel_state.get_context_parallel_rank()
+    results = []
+    for length in args.lengths:
+        if cp > 1:
+            try:
+                check_cp_split(length, cp, args.moba_chunk_size)
+            except ValueError as e:
+                raise SystemExit(f"needle: error: --lengths {length}: {e}")
+        mine = local_positions(length, cp, cp_rank, device)
+        for depth in args.depths:
+            hits = torch.zeros((), device=device)
+            for i in range(args.samples):
+                tokens, answer_at = probes.probe(i, length, depth)
+                top = _top_predictions(model, tokens, mine, answer_at, device)
+                wrong = sum(int(tokens[p + 1]) != t for p, t in top.items())
+                held = torch.tensor([float(wrong), float(len(top))], device=device)
+                dist.all_reduce(held, group=parallel_state.get_context_parallel_group())
+                hits += float(held[0] == 0 and held[1] == len(answer_at))
+            results.append({"length": length, "depth": depth, "accuracy": float(hits) / args.samples})
+            if dist.get_rank() == 0:
+                print(f"needle: length {length:>8} depth {depth:.2f} accuracy {results[-1]['accuracy']:.2f}", flush=True)
+    return results
+
+
+def heatmap(results: list[dict], path: Path, title: str) -> bool:
+    """needle.png: accuracy by depth (rows) and length (columns). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lengths = sorted({r["length"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    grid = [[next(r["accuracy"] for r in results if r["length"] == n and r["depth"] == d) for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.55 * len(depths)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="retrieval accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> None:
+    from megatron.core import parallel_state
+
+    from ..training import checkpoint
+    from ..training.setup import build_model, fail, init_distributed, transformer_config
+    from ..training.tokenizer import padded_vocab_size
+
+    args = parse(argv)
+    if args.pipeline_model_parallel_size != 1:
+        raise SystemExit("needle: error: the needle eval runs at --pipeline-model-parallel-size 1")
+    device = init_distributed(args)
+    try:
+        probes = PasskeyProbes(args) if args.tokenizer_model else SyntheticProbes(args)
+        tokens = probes.tok.vocab_size if isinstance(probes, PasskeyProbes) else (args.vocab_size or 256)
+        try:
+            args.padded_vocab_size = padded_vocab_size(tokens, args.vocab_size, args.make_vocab_size_divisible_by,
+                                                       args.tensor_model_parallel_size)
+        except ValueError as e:
+            fail(str(e))
+        model = build_model(args, transformer_config(args), device)
+        loaded = checkpoint.load_weights(args.load, model)
+        model.eval()
+        rank0 = dist.get_rank() == 0
+        kind = "passkey" if isinstance(probes, PasskeyProbes) else "synthetic key/value"
+        attention = "full attention" if not args.moba_enabled else f"MoBA {args.moba_chunk_size}/{args.moba_topk}"
+        if rank0:
+            if fused_paths_missing():
+                print(f"needle: {SUMMARY}", flush=True)
+            print(f"needle: {args.load} (iteration {loaded}), {kind} needles, {attention}", flush=True)
+        results = evaluate(args, model, probes, device)
+        if rank0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "needle.json").write_text(json.dumps(results, indent=1))
+            title = f"{args.load} (iteration {loaded}): {kind}, {attention}"
+            if heatmap(results, args.out / "needle.png", title):
+                print(f"needle: wrote {args.out / 'needle.json'} and {args.out / 'needle.png'}")
+            else:
+                print(f"needle: wrote {args.out / 'needle.json'}; for the heatmap needle.png install matplotlib "
+                      "(pip install 'moba-megatron[plot]')")
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

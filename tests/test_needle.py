@@ -1,0 +1,64 @@
+"""The long-context retrieval eval: its probes, and a run on a checkpoint (2 gloo ranks, TP=2 and
+CP=2) writing needle.json and the heatmap."""
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+
+
+from moba_megatron.eval.needle import PasskeyProbes, SyntheticProbes
+from moba_megatron.training.data import KEY, QUERY
+from tests.training.test_pretrain import ROOT, SMALL, bpe_tokenizer, pretrain
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_synthetic_probe_plants_the_needle_at_its_depth(depth):
+    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3))
+    tokens, answer_at = probes.probe(7, 400, depth)
+    assert tokens.shape == (401,) and answer_at == [399]
+    at = 1 + round(depth * (401 - 7))
+    assert tokens[at] == KEY and tokens[-3] == QUERY
+    assert tokens[at + 1] == tokens[-2] and tokens[at + 2] == tokens[-1]  # asked key, answer value
+
+
+def test_passkey_probe_asks_for_the_hidden_number(tmp_path):
+    pytest.importorskip("transformers")
+    bpe_tokenizer(tmp_path / "tok", "the pass key is 12345 remember it what is the grass sky sun green blue yellow\n" * 20)
+    probes = PasskeyProbes(Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tok"),
+                                     vocab_size=None))
+    tokens, answer_at = probes.probe(3, 300, 0.5)
+    assert tokens.shape == (301,)
+    text = probes.tok.detokenize(tokens.tolist())
+    key = probes.tok.detokenize(tokens[answer_at[0] + 1 :].tolist()).strip()
+    assert key.isdigit() and len(key) == 5 and f"The pass key is {key}." in text
+    assert text.index(f"The pass key is {key}.") < len(text) * 0.7 and text.endswith(f"The pass key is {key}")
+    with pytest.raises(ValueError, match="too short for the passkey text"):
+        probes.probe(0, 20, 0.5)
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]])
+def test_eval_writes_accuracy_by_length_and_depth(tmp_path, layout):
+    pretrain(*SMALL, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
+    for flags in ([], ["--moba-disable"]):
+        out = tmp_path / ("full" if flags else "moba")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "moba_megatron.eval.needle", *SMALL, *layout, "--load", str(tmp_path / "ckpt"),
+               "--lengths", "256,512", "--depths", "0,0.5,1", "--samples", "2", "--out", str(out), *flags]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        found = json.loads((out / "needle.json").read_text())
+        assert [(r["length"], r["depth"]) for r in found] == [(n, d) for n in (256, 512) for d in (0.0, 0.5, 1.0)]
+        assert all(r["accuracy"] in (0.0, 0.5, 1.0) for r in found)
+        assert (out / "needle.png").stat().st_size > 0
+        assert ("full attention" if flags else "MoBA 64/3") in result.stdout
+
+
+def test_without_matplotlib_the_json_and_one_line(tmp_path, monkeypatch):
+    from moba_megatron.eval import needle
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert needle.heatmap([{"length": 8, "depth": 0.0, "accuracy": 1.0}], tmp_path / "x.png", "t") is False
+    assert not (tmp_path / "x.png").exists()
