@@ -3,8 +3,9 @@
 Synthetic retrieval needs no download.
 
 Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss falls quickly) with
-``pairs`` key/value needles planted in its first half, ``KEY k v``; it ends with ``QUERY k v`` for one
-of them. Predicting that last ``v`` means finding ``k`` many blocks back: MoBA's routing matters there.
+``pairs`` key/value needles planted in its first half, ``KEY k v``; it ends with ``QUERY k v`` for each
+of them, in another order. Predicting each ``v`` means finding ``k`` many blocks back: MoBA's routing
+matters there. More pairs give more retrieval targets a step (a denser signal to learn from).
 Sample ``i`` is a pure function of (seed, i), so any rank can produce any sample and a resumed run
 sees exactly the data it would have seen.
 """
@@ -20,41 +21,49 @@ FIRST_FILLER = 3
 
 
 class SyntheticRetrieval:
+    """Tokens: ``BOS``, ``KEY``, ``QUERY``, then the needle keys (an eighth of the rest, at least
+    ``pairs``), then the filler. Keys occur nowhere but in needles and questions, so the question's key
+    matches the needle alone; values are filler tokens."""
+
     def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1):
-        if vocab_size < FIRST_FILLER + 8:
-            raise ValueError(f"--vocab-size must be >= {FIRST_FILLER + 8} for the synthetic data, got {vocab_size}")
+        self.keys = max(pairs, (vocab_size - FIRST_FILLER) // 8)
+        if vocab_size < FIRST_FILLER + 8 or vocab_size - FIRST_FILLER - self.keys < 4:
+            need = max(FIRST_FILLER + 8, FIRST_FILLER + pairs + 4)
+            raise ValueError(f"--vocab-size must be >= {need} for the synthetic data with --retrieval-pairs "
+                             f"{pairs}, got {vocab_size}")
         if seq_length < 8 + 6 * pairs:
             raise ValueError(f"--seq-length {seq_length} is too short for {pairs} retrieval pair(s)")
         self.vocab_size, self.seq_length, self.seed, self.pairs, self.noise = vocab_size, seq_length, seed, pairs, noise
+        self.first_filler = FIRST_FILLER + self.keys
         g = torch.Generator().manual_seed(seed)
         # The bigram rule walks one long cycle through all filler tokens (no fixed points).
-        self.cycle = FIRST_FILLER + torch.randperm(vocab_size - FIRST_FILLER, generator=g)
+        self.cycle = self.first_filler + torch.randperm(vocab_size - self.first_filler, generator=g)
         self.position = torch.empty(vocab_size, dtype=torch.long)
-        self.position[self.cycle] = torch.arange(vocab_size - FIRST_FILLER)
+        self.position[self.cycle] = torch.arange(vocab_size - self.first_filler)
 
     def sample(self, index: int, stream: int = 0) -> torch.Tensor:
         """Tokens ``[seq_length + 1]``: inputs are ``[:-1]``, labels ``[1:]``. Streams are disjoint
         sample sequences (training 0, validation 1); the CPU generator takes 32-bit seeds."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + index + stream * 0x9E3779B9) % 2**32)
         n = self.seq_length + 1
-        fillers = self.vocab_size - FIRST_FILLER
         tokens = self._filler(g, n)
-        keys = FIRST_FILLER + torch.randperm(fillers, generator=g)[: self.pairs]
-        values = FIRST_FILLER + torch.randint(fillers, (self.pairs,), generator=g)
+        keys = FIRST_FILLER + torch.randperm(self.keys, generator=g)[: self.pairs]
+        values = self.first_filler + torch.randint(self.vocab_size - self.first_filler, (self.pairs,), generator=g)
         half = n // 2
         slots = torch.randperm(max(1, (half - 1) // 3), generator=g)[: self.pairs] * 3 + 1
         for s, k, v in zip(slots.tolist(), keys.tolist(), values.tolist()):
             tokens[s : s + 3] = torch.tensor([KEY, k, v])
-        asked = int(torch.randint(self.pairs, (1,), generator=g))
-        tokens[-3:] = torch.tensor([QUERY, int(keys[asked]), int(values[asked])])
+        asked = torch.randperm(self.pairs, generator=g)
+        queries = torch.stack([torch.full((self.pairs,), QUERY), keys[asked], values[asked]], 1)
+        tokens[n - 3 * self.pairs :] = queries.flatten()
         return tokens
 
     def _filler(self, g: torch.Generator, n: int) -> torch.Tensor:
         """``n`` tokens of the noisy bigram chain, ``BOS`` first."""
-        fillers = self.vocab_size - FIRST_FILLER
+        fillers = self.vocab_size - self.first_filler
         noise = torch.rand(n, generator=g) < self.noise
         noise[0] = True
-        random_tokens = FIRST_FILLER + torch.randint(fillers, (n,), generator=g)
+        random_tokens = self.first_filler + torch.randint(fillers, (n,), generator=g)
         # After each noisy token the chain steps along the cycle: token i is the (i - r)-th
         # successor of the random token at r, the last noisy position at or before i.
         steps = torch.arange(n)
@@ -73,8 +82,8 @@ class SyntheticRetrieval:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + index + 2 * 0x9E3779B9) % 2**32)
         n = length + 1
         tokens = self._filler(g, n)
-        fillers = self.vocab_size - FIRST_FILLER
-        key, value = (FIRST_FILLER + torch.randint(fillers, (2,), generator=g)).tolist()
+        key = FIRST_FILLER + int(torch.randint(self.keys, (1,), generator=g))
+        value = self.first_filler + int(torch.randint(self.vocab_size - self.first_filler, (1,), generator=g))
         at = 1 + round(depth * (n - 7))
         tokens[at : at + 3] = torch.tensor([KEY, key, value])
         tokens[-3:] = torch.tensor([QUERY, key, value])

@@ -74,10 +74,16 @@ def test_synthetic_retrieval_plants_and_asks_needles():
     data = SyntheticRetrieval(vocab_size=64, seq_length=200, seed=3, pairs=2)
     sample = data.sample(5)
     assert sample.shape == (201,) and torch.equal(sample, data.sample(5))  # a pure function of the index
-    assert sample[-3] == QUERY
-    key, value = int(sample[-2]), int(sample[-1])
     planted = (sample[:100] == KEY).nonzero().flatten().tolist()
-    assert any(int(sample[p + 1]) == key and int(sample[p + 2]) == value for p in planted)
+    needles = {(int(sample[p + 1]), int(sample[p + 2])) for p in planted}
+    asked = sample[-6:].view(2, 3)
+    assert (asked[:, 0] == QUERY).all() and len(needles) == 2  # every needle planted once and asked once
+    assert {(int(k), int(v)) for k, v in asked[:, 1:]} == needles
+    assert not (sample[100:-6] == QUERY).any()
+    for key, _ in needles:  # a key occurs in its needle and its question, nowhere in the filler
+        assert (sample == key).sum() == 2
+    probe = data.needle(0, 150, 0.5)
+    assert int((probe == int(probe[-2])).sum()) == 2 and probe[-3] == QUERY
     valid = SyntheticSplit(data, SyntheticSplit.VALID)
     assert not torch.equal(valid.batch([0])[0], SyntheticSplit(data, SyntheticSplit.TRAIN).batch([0])[0])
     with pytest.raises(ValueError, match="--seq-length 10 is too short"):

@@ -55,7 +55,10 @@ class MoBAFunction(torch.autograd.Function):
             dout, q, k, v, out, lse, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale
         )
         if routes is not None:
-            dq_acc = dq.float()
+            # The Triton backward adds into dq from many programs: an fp32 accumulator. The tile
+            # path adds each head group's routed dq once, in fp32, into the kernel's own dq.
+            fused = ctx.kernels.fused_backward
+            dq_acc = dq.float() if fused else dq.contiguous()
             dk, dv = dk.contiguous(), dv.contiguous()
             routed.backward(dout, q, out, lse, routes, routed.KeyBlocks(k, v, layout), scale, backend, ctx.kernels,
                             dq_acc, dk, dv)

@@ -167,7 +167,8 @@ def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend,
 
 def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend, kernels: Kernels,
              dq, dk, dv) -> None:
-    """Adds the routed gradients in place: into ``dq`` (fp32, shaped like q ``[T, heads, D]``) and
+    """Adds the routed gradients in place: into ``dq`` (shaped like q ``[T, heads, D]``; fp32 for the
+    fused backward, any dtype on the tile path, which adds each head once in fp32) and
     ``dk, dv [Tk, Hkv, D]`` (any dtype). Each row's probabilities are taken against the *merged*
     out and LSE."""
     layout, d = keys.layout, q.shape[-1]
@@ -211,7 +212,9 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
             dkv[0].index_add_(0, local, dk_r.float())
             dkv[1].index_add_(0, local, dv_r.float())
             del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows
-        dq[:, grp.h0 : grp.h1] += grid_dq[:-1].view(t, nh, routes.slots, d).sum(2, dtype=torch.float32)
+        routed_dq = grid_dq[:-1].view(t, nh, routes.slots, d).sum(2, dtype=torch.float32)
+        dq[:, grp.h0 : grp.h1] = dq[:, grp.h0 : grp.h1].float() + routed_dq
+        del routed_dq
         del grid_dq
         if grp.run1 % per_kv == 0:  # the kv heads' last runs are done
             for grad, acc in zip((dk, dv), keys.to_tokens(dkv, kv0, kv1)):
