@@ -17,7 +17,6 @@ the vocabulary is padded with zero rows to a multiple of 128 x 8 (so any TP up t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -25,8 +24,10 @@ import torch.distributed as dist
 
 from .ops import moba_attn_varlen
 from .ops.moba.decode import moba_attn_decode
+from .training.tokenizer import padded_vocab_size
 
-VOCAB_MULTIPLE = 128 * 8  # Megatron's --make-vocab-size-divisible-by 128, for every TP up to 8
+# Megatron's --make-vocab-size-divisible-by 128 at TP 8: the padded vocabulary splits alike for every TP up to 8
+VOCAB_DIVISIBLE_BY, VOCAB_TP = 128, 8
 
 # ----------------------------------------------------------------------------------------------
 # MoBA as a transformers attention
@@ -162,7 +163,7 @@ def head_dim(config: dict) -> int:
 
 
 def padded_vocab(config: dict) -> int:
-    return math.ceil(config["vocab_size"] / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return padded_vocab_size(config["vocab_size"], None, VOCAB_DIVISIBLE_BY, VOCAB_TP)
 
 
 def model_arguments(config: dict) -> dict:
@@ -185,7 +186,7 @@ def model_arguments(config: dict) -> dict:
         use_rope_scaling=llama3,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         vocab_size=padded_vocab(config),
-        make_vocab_size_divisible_by=128,
+        make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
     )
     if llama3:
         fields["rope_scaling_factor"] = float(rope["factor"])

@@ -15,7 +15,7 @@ import torch.distributed as dist  # noqa: E402
 
 from .training import checkpoint  # noqa: E402
 from .training.arguments import parse_args
-from .training.data import IndexedGPTData, SyntheticRetrieval, SyntheticSplit
+from .training.data import DEFAULT_VOCAB, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
 from .training.tokenizer import build_tokenizer, padded_vocab_size
 from .training.loop import Logger, train
 from .training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -27,7 +27,7 @@ def build_data(args):
     try:
         valid_samples = args.eval_iters * args.global_batch_size
         if not args.data_path:
-            vocab = args.vocab_tokens = args.vocab_size or 256
+            vocab = args.vocab_tokens = args.vocab_size or DEFAULT_VOCAB
             task = SyntheticRetrieval(vocab, args.seq_length, args.seed, args.retrieval_pairs)
             args.padded_vocab_size = padded_vocab_size(vocab, None, args.make_vocab_size_divisible_by,
                                                        args.tensor_model_parallel_size)

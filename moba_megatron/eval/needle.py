@@ -59,9 +59,10 @@ class SyntheticProbes:
     """The synthetic task's needles; the answer is the last label."""
 
     def __init__(self, args):
-        from ..training.data import SyntheticRetrieval
+        from ..training.data import DEFAULT_VOCAB, SyntheticRetrieval
 
-        self.task = SyntheticRetrieval(args.vocab_size or 256, 64, args.seed)
+        self.task = SyntheticRetrieval(args.vocab_size or DEFAULT_VOCAB, 64, args.seed)
+        self.tokens = self.task.vocab_size
 
     def probe(self, index: int, length: int, depth: float):
         tokens = self.task.needle(index, length, depth)
@@ -75,6 +76,7 @@ class PasskeyProbes:
         from ..training.tokenizer import build_tokenizer
 
         self.tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        self.tokens = self.tok.vocab_size
         self.intro = self.tok.tokenize("There is important information hidden in this text. Find it and remember it.")
         self.filler = self.tok.tokenize(_FILLER)
         self.question = self.tok.tokenize(" What is the pass key? The pass key is")
@@ -183,9 +185,8 @@ def main(argv=None) -> None:
     device = init_distributed(args)
     try:
         probes = PasskeyProbes(args) if args.tokenizer_model else SyntheticProbes(args)
-        tokens = probes.tok.vocab_size if isinstance(probes, PasskeyProbes) else (args.vocab_size or 256)
         try:
-            args.padded_vocab_size = padded_vocab_size(tokens, args.vocab_size, args.make_vocab_size_divisible_by,
+            args.padded_vocab_size = padded_vocab_size(probes.tokens, args.vocab_size, args.make_vocab_size_divisible_by,
                                                        args.tensor_model_parallel_size)
         except ValueError as e:
             fail(str(e))

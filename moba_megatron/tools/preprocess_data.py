@@ -35,7 +35,8 @@ def _start_worker(tokenizer_args) -> None:
 
 
 def _encode(job):
-    """``(line number, line, keys, append_eod)`` -> ``(line number, {key: ids}, bytes)``."""
+    """``(line number, line, keys, append_eod, as_json)`` -> ``(line number, {key: ids}, bytes)``,
+    or ``(line number, error message, 0)`` for a line that is not a JSON object with the keys."""
     number, line, keys, append_eod, as_json = job
     if as_json:
         try:

@@ -190,15 +190,12 @@ def _fault_in_save(iteration: int) -> None:
 
 def load(directory: str, model, optimizer, scheduler) -> int:
     """Restore the latest checkpoint under ``directory``; returns its iteration, 0 where there is
-    none yet (as Megatron-LM: ``--save D --load D`` starts a run and resumes it after a restart) or
-    where it holds released weights (loaded; the optimizer starts fresh)."""
+    none yet (as Megatron-LM: ``--save D --load D`` starts a run and resumes it after a restart).
+    Released weights (``holds_weights_only``) hold no optimizer state: ``load_weights`` takes them."""
     from megatron.core import dist_checkpointing
 
     tracked = _tracked(directory)
     if tracked is None:
-        return 0
-    if tracked == RELEASE:
-        load_weights(directory, model)
         return 0
     path = _existing(directory, tracked)
     state = dist_checkpointing.load(_sharded(model, optimizer, loading=True), str(path))

@@ -18,12 +18,15 @@ import torch
 
 BOS, KEY, QUERY = 0, 1, 2
 FIRST_FILLER = 3
+DEFAULT_VOCAB = 256  # the synthetic task's vocabulary without --vocab-size
 
 
 class SyntheticRetrieval:
     """Tokens: ``BOS``, ``KEY``, ``QUERY``, then the needle keys (an eighth of the rest, at least
     ``pairs``), then the filler. Keys occur nowhere but in needles and questions, so the question's key
     matches the needle alone; values are filler tokens."""
+
+    NEEDLE_STREAM = 2
 
     def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1):
         self.keys = max(pairs, (vocab_size - FIRST_FILLER) // 8)
@@ -43,8 +46,8 @@ class SyntheticRetrieval:
 
     def sample(self, index: int, stream: int = 0) -> torch.Tensor:
         """Tokens ``[seq_length + 1]``: inputs are ``[:-1]``, labels ``[1:]``. Streams are disjoint
-        sample sequences (training 0, validation 1); the CPU generator takes 32-bit seeds."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index + stream * 0x9E3779B9) % 2**32)
+        sample sequences (training 0, validation 1, the needle probes ``NEEDLE_STREAM``)."""
+        g = self._generator(index, stream)
         n = self.seq_length + 1
         tokens = self._filler(g, n)
         keys = FIRST_FILLER + torch.randperm(self.keys, generator=g)[: self.pairs]
@@ -57,6 +60,10 @@ class SyntheticRetrieval:
         queries = torch.stack([torch.full((self.pairs,), QUERY), keys[asked], values[asked]], 1)
         tokens[n - 3 * self.pairs :] = queries.flatten()
         return tokens
+
+    def _generator(self, index: int, stream: int) -> torch.Generator:
+        """Sample ``index`` of ``stream``'s generator (the CPU generator takes 32-bit seeds)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + index + stream * 0x9E3779B9) % 2**32)
 
     def _filler(self, g: torch.Generator, n: int) -> torch.Tensor:
         """``n`` tokens of the noisy bigram chain, ``BOS`` first."""
@@ -79,7 +86,7 @@ class SyntheticRetrieval:
         last input's label is ``v``. Its own stream of samples, apart from training and validation."""
         if length < 8:
             raise ValueError(f"a needle probe needs at least 8 tokens, got length {length}")
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index + 2 * 0x9E3779B9) % 2**32)
+        g = self._generator(index, self.NEEDLE_STREAM)
         n = length + 1
         tokens = self._filler(g, n)
         key = FIRST_FILLER + int(torch.randint(self.keys, (1,), generator=g))

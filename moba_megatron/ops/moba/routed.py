@@ -212,9 +212,8 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
             dkv[0].index_add_(0, local, dk_r.float())
             dkv[1].index_add_(0, local, dv_r.float())
             del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows
-        routed_dq = grid_dq[:-1].view(t, nh, routes.slots, d).sum(2, dtype=torch.float32)
-        dq[:, grp.h0 : grp.h1] = dq[:, grp.h0 : grp.h1].float() + routed_dq
-        del routed_dq
+        # computed in fp32 and rounded once into dq's dtype
+        dq[:, grp.h0 : grp.h1] += grid_dq[:-1].view(t, nh, routes.slots, d).sum(2, dtype=torch.float32)
         del grid_dq
         if grp.run1 % per_kv == 0:  # the kv heads' last runs are done
             for grad, acc in zip((dk, dv), keys.to_tokens(dkv, kv0, kv1)):
