@@ -193,27 +193,28 @@ def model_arguments(config: dict) -> dict:
     return fields
 
 
-def megatron_config(config: dict, *, moba_chunk_size: int, moba_topk: int, moba_full_attn_layers=(), **overrides):
-    """The ``MoBATransformerConfig`` of a Llama config on the current parallel state."""
+def job_arguments(config: dict, **flags):
+    """The pretraining job's arguments for a Llama config: the job's defaults, the architecture's
+    flags (``model_arguments``, what hf-to-mcore writes into its config), then ``flags`` (the job's
+    argument names), with TP/PP/CP of the current parallel state. One flag-to-config mapping serves
+    the job and the HF loader: ``training.setup.transformer_config``."""
     from megatron.core import parallel_state
 
-    from .megatron import MoBATransformerConfig
+    from .training.arguments import parse_args
 
-    a = model_arguments(config)
-    fields = dict(
-        num_layers=a["num_layers"], hidden_size=a["hidden_size"], ffn_hidden_size=a["ffn_hidden_size"],
-        num_attention_heads=a["num_attention_heads"], num_query_groups=a["num_query_groups"], kv_channels=a["kv_channels"],
-        normalization="RMSNorm", layernorm_epsilon=a["norm_epsilon"], gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+    args = parse_args([])
+    parallel = dict(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
-        use_cpu_initialization=not torch.cuda.is_available(), params_dtype=torch.float32,
-        moba_chunk_size=moba_chunk_size, moba_topk=moba_topk, moba_full_attn_layers=list(moba_full_attn_layers),
     )
-    fields.update(overrides)
-    fields.setdefault("pipeline_dtype", fields["params_dtype"])
-    return MoBATransformerConfig(**fields)
+    for name, value in {**model_arguments(config), **parallel, **flags}.items():
+        if not hasattr(args, name):
+            raise TypeError(f"job_arguments: no job argument {name!r}")
+        setattr(args, name, value)
+    args.padded_vocab_size = padded_vocab_size(args.vocab_size, None, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size)
+    return args
 
 
 class _Weights:
@@ -300,21 +301,20 @@ def _layer_numbers(model) -> dict:
     return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
 
 
-def load_llama(hf_dir, *, moba_chunk_size: int, moba_topk: int, moba_full_attn_layers=(), **config_overrides):
+def load_llama(hf_dir, *, moba_chunk_size: int, moba_topk: int, moba_full_attn_layers=(), device: str | None = None,
+               **flags):
     """A megatron-core GPTModel with MoBA layers and a Llama folder's architecture and weights, on
-    the current parallel state (its TP/PP shards). fp32 unless ``params_dtype`` is overridden."""
-    from .megatron.model import build_gpt_model
+    the current parallel state (its TP/PP shards): the pretraining job's model, built from
+    ``job_arguments``; ``flags`` are more of the job's arguments (``bf16=True``). On ``device``
+    (default: CUDA where there is one)."""
+    from .training.setup import build_model, transformer_config
 
     config = read_llama_config(hf_dir)
     weights = _Weights(hf_dir)
-    mcfg = megatron_config(config, moba_chunk_size=moba_chunk_size, moba_topk=moba_topk,
-                           moba_full_attn_layers=moba_full_attn_layers, **config_overrides)
-    a = model_arguments(config)
-    model = build_gpt_model(
-        mcfg, vocab_size=a["vocab_size"], max_sequence_length=a["max_position_embeddings"], rotary_base=a["rotary_base"],
-        rope_scaling=a["use_rope_scaling"], rope_scaling_factor=a.get("rope_scaling_factor", 8.0),
-        share_embeddings=not a["untie_embeddings_and_output_weights"],
-    )
+    args = job_arguments(config, moba_chunk_size=moba_chunk_size, moba_topk=moba_topk,
+                         moba_full_attn_layers=list(moba_full_attn_layers), **flags)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args, transformer_config(args, device), device)
     load_llama_weights(model, hf_dir, config, weights)
     model.hf_config = config  # what export_llama writes back
     return model
@@ -325,6 +325,7 @@ def load_llama_weights(model, hf_dir, config: dict | None = None, weights=None) 
     tensor when a shape does not fit the model's config."""
     config = config or read_llama_config(hf_dir)
     weights = weights or _Weights(hf_dir)
+    model = getattr(model, "module", model)  # bf16's Float16Module, or a bare model
     rank, tp = _tp()
     layers = _layer_numbers(model)
     with torch.no_grad():

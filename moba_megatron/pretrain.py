@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     device = init_distributed(args)
     try:
         micro_batches = check_batch(args)
-        config = transformer_config(args)
+        config = transformer_config(args, device)
         if args.lr_warmup_iters and args.lr_warmup_iters >= args.train_iters:
             fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
         if args.seq_length % args.tensor_model_parallel_size and args.sequence_parallel:

@@ -2,6 +2,7 @@
 CP=2) writing needle.json and the heatmap."""
 
 import json
+import math
 import subprocess
 import sys
 from argparse import Namespace
@@ -10,13 +11,14 @@ import pytest
 
 
 from moba_megatron.eval.needle import PasskeyProbes, SyntheticProbes
-from moba_megatron.training.data import KEY, QUERY
+from moba_megatron.training.arguments import parse_args
+from moba_megatron.training.data import DEFAULT_VOCAB, KEY, QUERY, SyntheticRetrieval
 from tests.training.test_pretrain import ROOT, SMALL, bpe_tokenizer, pretrain
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_synthetic_probe_plants_the_needle_at_its_depth(depth):
-    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3))
+    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3, seq_length=64, retrieval_pairs=1))
     tokens, answer_at = probes.probe(7, 400, depth)
     assert tokens.shape == (401,) and answer_at == [399]
     at = 1 + round(depth * (401 - 7))
@@ -42,11 +44,15 @@ def test_passkey_probe_asks_for_the_hidden_number(tmp_path):
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]])
 def test_eval_writes_accuracy_by_length_and_depth(tmp_path, layout):
     pretrain(*SMALL, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
+    job = parse_args(list(SMALL))
+    seq_length, pairs = job.seq_length, job.retrieval_pairs
+    task = SyntheticRetrieval(job.vocab_size or DEFAULT_VOCAB, seq_length, job.seed, pairs)
     for flags in ([], ["--moba-disable"]):
         out = tmp_path / ("full" if flags else "moba")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "moba_megatron.eval.needle", *SMALL, *layout, "--load", str(tmp_path / "ckpt"),
-               "--lengths", "256,512", "--depths", "0,0.5,1", "--samples", "2", "--out", str(out), *flags]
+               "--lengths", "256,512", "--depths", "0,0.5,1", "--samples", "2", "--out", str(out), *flags,
+               "--token-losses", "2"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         found = json.loads((out / "needle.json").read_text())
@@ -54,6 +60,12 @@ def test_eval_writes_accuracy_by_length_and_depth(tmp_path, layout):
         assert all(r["accuracy"] in (0.0, 0.5, 1.0) for r in found)
         assert (out / "needle.png").stat().st_size > 0
         assert ("full attention" if flags else "MoBA 64/3") in result.stdout
+        losses = {r["kind"]: r for r in json.loads((out / "token_losses.json").read_text())}
+        assert list(losses) == list(SyntheticRetrieval.KINDS)
+        assert sum(r["tokens"] for r in losses.values()) == 2 * seq_length  # every label once, over the ranks
+        assert losses["question value"]["tokens"] == 2 * pairs
+        assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in losses.values())
+        assert losses["question value"]["chance_loss"] == pytest.approx(math.log(task.vocab_size - task.first_filler))
 
 
 def test_without_matplotlib_the_json_and_one_line(tmp_path, monkeypatch):

@@ -7,6 +7,9 @@ Models of the synthetic retrieval task (no tokenizer) get the task's needles: ``
 depth, ``QUERY k`` at the end, and the answer ``v``. Models with a Hugging Face tokenizer
 (``--tokenizer-model``) get a text passkey: a number hidden in filler text, asked for at the end.
 A probe counts as retrieved when every answer token is the model's top prediction (teacher forced).
+``--token-losses N`` first reports a synthetic-task model's loss by kind of token on N validation
+samples, against the chance loss of the random kinds: the question's value below its chance loss is
+retrieval starting, long before a needle grid shows it.
 Writes ``OUT/needle.json`` (a list of ``{"length", "depth", "accuracy"}``) and ``OUT/needle.png``
 (a heatmap; needs matplotlib, the ``[plot]`` extra). Runs at any TP and CP (``--lengths`` must then
 split into whole MoBA blocks per CP chunk); PP must be 1.
@@ -46,12 +49,19 @@ def parse(argv=None):
     g.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
     g.add_argument("--samples", type=int, default=10, help="probes per (length, depth)")
     g.add_argument("--out", type=Path, required=True, help="folder for needle.json and needle.png")
+    g.add_argument("--token-losses", type=int, default=0, metavar="N",
+                   help="synthetic-task models: first the loss by kind of token over N validation samples "
+                        "(--seq-length, --retrieval-pairs), into token_losses.json")
     args = parse_args(argv, parser)
     if not args.load:
         parser.error("--load CKPT is required: the model to evaluate")
     for d in args.depths:
         if not 0.0 <= d <= 1.0:
             parser.error(f"--depths: {d} is not in [0, 1]")
+    if args.token_losses and args.tokenizer_model:
+        parser.error("--token-losses is for models of the synthetic task; this one has --tokenizer-model")
+    if args.token_losses < 0:
+        parser.error(f"--token-losses must be >= 0, got {args.token_losses}")
     return args
 
 
@@ -61,7 +71,8 @@ class SyntheticProbes:
     def __init__(self, args):
         from ..training.data import DEFAULT_VOCAB, SyntheticRetrieval
 
-        self.task = SyntheticRetrieval(args.vocab_size or DEFAULT_VOCAB, 64, args.seed)
+        # The training job's task (the same keys, values and filler rule); a probe takes its own length.
+        self.task = SyntheticRetrieval(args.vocab_size or DEFAULT_VOCAB, args.seq_length, args.seed, args.retrieval_pairs)
         self.tokens = self.task.vocab_size
 
     def probe(self, index: int, length: int, depth: float):
@@ -95,22 +106,61 @@ class PasskeyProbes:
         return torch.tensor(ids), list(range(first - 1, len(ids) - 1))
 
 
-def _top_predictions(model, tokens: torch.Tensor, mine: torch.Tensor, answer_at: list[int], device: str):
-    """The model's top token at each of the global input positions ``answer_at`` that this CP rank
-    holds: ``{position: token}``."""
+def _logits_at(model, tokens: torch.Tensor, mine: torch.Tensor, positions: list[int], device: str):
+    """The model's logits (whole vocabulary, fp32) at the global input positions ``positions`` that
+    this CP rank holds: those positions and a ``[len, vocab]`` tensor."""
     from megatron.core import parallel_state
 
     inputs = tokens[None, :-1].to(device)[:, mine]
     with torch.no_grad():
         logits = model(inputs, mine[None], None)[0]  # [local tokens, vocab / TP]
     local = {int(p): i for i, p in enumerate(mine.tolist())}
-    rows = [local[p] for p in answer_at if p in local]
-    picked = logits[rows].float() if rows else logits[:0].float()
+    held = [p for p in positions if p in local]
+    picked = logits[[local[p] for p in held]].float()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     parts = [torch.empty_like(picked) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, picked.contiguous(), group=tp_group)
-    top = torch.cat(parts, -1).argmax(-1).tolist()
-    return dict(zip([p for p in answer_at if p in local], top))
+    return held, torch.cat(parts, -1)
+
+
+def _top_predictions(model, tokens: torch.Tensor, mine: torch.Tensor, answer_at: list[int], device: str):
+    """The model's top token at each of the global input positions ``answer_at`` that this CP rank
+    holds: ``{position: token}``."""
+    held, logits = _logits_at(model, tokens, mine, answer_at, device)
+    return dict(zip(held, logits.argmax(-1).tolist()))
+
+
+def token_losses(args, model, task, device: str) -> list[dict]:
+    """Loss and top-1 accuracy by kind of token (``SyntheticRetrieval.KINDS``) over ``args.token_losses``
+    validation samples of the task at ``--seq-length`` with ``--retrieval-pairs``: whether the model
+    uses its context (the question's value falls below its chance loss) before a needle grid says so."""
+    from megatron.core import parallel_state
+
+    from ..parallel import check_cp_split, local_positions
+    from ..training.data import SyntheticSplit
+
+    n = args.seq_length
+    if args.context_parallel_size > 1:
+        try:
+            check_cp_split(n, args.context_parallel_size, args.moba_chunk_size)
+        except ValueError as e:
+            raise SystemExit(f"needle: error: --token-losses at --seq-length {n}: {e}")
+    mine = local_positions(n, args.context_parallel_size, parallel_state.get_context_parallel_rank(), device)
+    kinds = len(task.KINDS)
+    sums = torch.zeros(3, kinds, dtype=torch.float64, device=device)  # loss, hits, count
+    for i in range(args.token_losses):
+        tokens = task.sample(i, SyntheticSplit.VALID)
+        held, logits = _logits_at(model, tokens, mine, list(range(n)), device)
+        labels = tokens[1:].to(device)[held]
+        kind = task.label_kinds(tokens).to(device)[held]
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none").double()
+        hits = (logits.argmax(-1) == labels).double()
+        for row, value in enumerate((loss, hits, torch.ones_like(loss))):
+            sums[row].index_add_(0, kind, value)
+    dist.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+    return [{"kind": name, "tokens": int(sums[2, k]), "loss": float(sums[0, k] / sums[2, k]),
+             "accuracy": float(sums[1, k] / sums[2, k]), "chance_loss": task.chance_loss(k)}
+            for k, name in enumerate(task.KINDS) if sums[2, k] > 0]
 
 
 def evaluate(args, model, probes, device: str) -> list[dict]:
@@ -190,7 +240,7 @@ def main(argv=None) -> None:
                                                        args.tensor_model_parallel_size)
         except ValueError as e:
             fail(str(e))
-        model = build_model(args, transformer_config(args), device)
+        model = build_model(args, transformer_config(args, device), device)
         loaded = checkpoint.load_weights(args.load, model)
         model.eval()
         rank0 = dist.get_rank() == 0
@@ -200,6 +250,17 @@ def main(argv=None) -> None:
             if fused_paths_missing():
                 print(f"needle: {SUMMARY}", flush=True)
             print(f"needle: {args.load} (iteration {loaded}), {kind} needles, {attention}", flush=True)
+        if args.token_losses:
+            losses = token_losses(args, model, probes.task, device)
+            if rank0:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "token_losses.json").write_text(json.dumps(losses, indent=1))
+                print(f"needle: loss by kind of token, {args.token_losses} validation samples of {args.seq_length} "
+                      f"tokens, {args.retrieval_pairs} pair(s) each", flush=True)
+                for r in losses:
+                    chance = "" if r["chance_loss"] is None else f"  (chance {r['chance_loss']:.3f})"
+                    print(f"needle: {r['kind']:>14}: {r['tokens']:>8} tokens  loss {r['loss']:.3f}  "
+                          f"top-1 {r['accuracy']:.3f}{chance}", flush=True)
         results = evaluate(args, model, probes, device)
         if rank0:
             args.out.mkdir(parents=True, exist_ok=True)

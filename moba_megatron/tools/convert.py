@@ -59,7 +59,7 @@ def hf_to_mcore(args) -> None:
     config = hf.read_llama_config(args.hf_dir)
     _single_process()
     model = hf.load_llama(args.hf_dir, moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk,
-                          moba_full_attn_layers=args.moba_full_attn_layers, use_cpu_initialization=True)
+                          moba_full_attn_layers=args.moba_full_attn_layers, device="cpu")
     save = Path(args.save)
     checkpoint.save_weights(str(save), model)
     fields = hf.model_arguments(config)
@@ -94,7 +94,7 @@ def mcore_to_hf(args) -> None:
     _single_process()
     job = parse_args(["--config", str(config_path)])
     job.padded_vocab_size = padded_vocab_size(job.vocab_size, None, job.make_vocab_size_divisible_by, 1)
-    model = build_model(job, transformer_config(job), "cpu")
+    model = build_model(job, transformer_config(job, "cpu"), "cpu")
     iteration = checkpoint.load_weights(str(load), model)
     hf_config = json.loads((load / HF_CONFIG).read_text())
     hf.export_llama(model, args.output, hf_config)

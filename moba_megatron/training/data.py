@@ -12,6 +12,7 @@ sees exactly the data it would have seen.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -95,6 +96,26 @@ class SyntheticRetrieval:
         tokens[at : at + 3] = torch.tensor([KEY, key, value])
         tokens[-3:] = torch.tensor([QUERY, key, value])
         return tokens
+
+    # What each label of a sample is; the ones after KEY and QUERY are random draws, except the
+    # question's value, which is the needle's: the retrieval.
+    KINDS = ("filler", "needle key", "needle value", "question key", "question value", "markers")
+
+    def label_kinds(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The kind (an index into ``KINDS``) of each label ``tokens[1:]`` of a sample or probe."""
+        labels, before = tokens[1:], tokens[:-1]
+        before2 = torch.cat([before.new_full((1,), BOS), before[:-1]])
+        kinds = torch.zeros_like(labels)
+        for kind, marker, prior in ((1, KEY, before), (2, KEY, before2), (3, QUERY, before), (4, QUERY, before2)):
+            kinds[prior == marker] = kind
+        kinds[(labels == KEY) | (labels == QUERY)] = 5
+        return kinds
+
+    def chance_loss(self, kind: int) -> float | None:
+        """The loss of a uniform guess over the choices of a random kind (None for the learnable
+        ones); for the question's value, the floor of a model that does not retrieve."""
+        fillers = self.vocab_size - self.first_filler
+        return {1: math.log(self.keys), 2: math.log(fillers), 3: math.log(self.keys), 4: math.log(fillers)}.get(kind)
 
     def batch(self, indices: list[int], stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         data = torch.stack([self.sample(i, stream) for i in indices])

@@ -82,7 +82,10 @@ def check_batch(args) -> int:
     return args.global_batch_size // per_step
 
 
-def transformer_config(args) -> MoBATransformerConfig:
+def transformer_config(args, device: str | None = None) -> MoBATransformerConfig:
+    """The model config of the job's ``args`` for a model built on ``device`` (default: CUDA where
+    there is one); on the CPU, megatron initializes the weights without the CUDA RNG tracker."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ffn = args.ffn_hidden_size
     if ffn is None:
         ffn = max(64, int(8 * args.hidden_size / 3) // 64 * 64) if args.swiglu else 4 * args.hidden_size
@@ -110,7 +113,7 @@ def transformer_config(args) -> MoBATransformerConfig:
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
             params_dtype=dtype,
-            use_cpu_initialization=not torch.cuda.is_available(),
+            use_cpu_initialization=device == "cpu",
             moba_chunk_size=args.moba_chunk_size,
             moba_topk=args.moba_topk,
             moba_full_attn_layers=args.moba_full_attn_layers,

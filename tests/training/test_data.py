@@ -2,6 +2,7 @@
 indexed datasets, the vocabulary padding, the synthetic task."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -88,3 +89,23 @@ def test_synthetic_retrieval_plants_and_asks_needles():
     assert not torch.equal(valid.batch([0])[0], SyntheticSplit(data, SyntheticSplit.TRAIN).batch([0])[0])
     with pytest.raises(ValueError, match="--seq-length 10 is too short"):
         SyntheticRetrieval(64, 10, 0, pairs=2)
+
+
+def test_synthetic_label_kinds_name_each_label():
+    data = SyntheticRetrieval(vocab_size=64, seq_length=200, seed=3, pairs=2)
+    sample = data.sample(5)
+    kinds = data.label_kinds(sample)
+    labels = sample[1:]
+    names = [data.KINDS[k] for k in kinds.tolist()]
+    assert names[-6:] == ["markers", "question key", "question value"] * 2  # the labels of the questions
+    assert names.count("needle key") == names.count("needle value") == 2
+    planted = (sample[:100] == KEY).nonzero().flatten()
+    assert sorted((kinds == 1).nonzero().flatten().tolist()) == planted.tolist()  # the label after KEY
+    assert torch.equal(labels[kinds == 2].sort().values, sample[planted + 2].sort().values)
+    assert torch.equal(labels[kinds == 4].sort().values, labels[kinds == 2].sort().values)  # asked = planted
+    assert (labels[kinds == 0] >= data.first_filler).all() and ((labels[kinds == 5] == KEY) | (labels[kinds == 5] == QUERY)).all()
+    fillers = 64 - data.first_filler
+    assert data.chance_loss(4) == pytest.approx(math.log(fillers)) and data.chance_loss(3) == pytest.approx(math.log(data.keys))
+    assert data.chance_loss(0) is None and data.chance_loss(5) is None
+    probe = data.needle(0, 150, 0.5)
+    assert data.KINDS[int(data.label_kinds(probe)[-1])] == "question value"  # the needle eval's answer
