@@ -16,6 +16,8 @@ the vocabulary is padded with zero rows to a multiple of 128 x 8 (so any TP up t
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -193,7 +195,7 @@ def model_arguments(config: dict) -> dict:
     return fields
 
 
-def job_arguments(config: dict, **flags):
+def job_arguments(config: dict, **flags) -> argparse.Namespace:
     """The pretraining job's arguments for a Llama config: the job's defaults, the architecture's
     flags (``model_arguments``, what hf-to-mcore writes into its config), then ``flags`` (the job's
     argument names), with TP/PP/CP of the current parallel state. One flag-to-config mapping serves
@@ -302,19 +304,23 @@ def _layer_numbers(model) -> dict:
 
 
 def load_llama(hf_dir, *, moba_chunk_size: int, moba_topk: int, moba_full_attn_layers=(), device: str | None = None,
-               **flags):
+               **config_overrides):
     """A megatron-core GPTModel with MoBA layers and a Llama folder's architecture and weights, on
     the current parallel state (its TP/PP shards): the pretraining job's model, built from
-    ``job_arguments``; ``flags`` are more of the job's arguments (``bf16=True``). On ``device``
-    (default: CUDA where there is one)."""
+    ``job_arguments``, on ``device`` (default: CUDA where there is one). ``config_overrides`` are
+    fields of its ``MoBATransformerConfig``; fp32 unless ``params_dtype`` is overridden."""
     from .training.setup import build_model, transformer_config
 
     config = read_llama_config(hf_dir)
     weights = _Weights(hf_dir)
     args = job_arguments(config, moba_chunk_size=moba_chunk_size, moba_topk=moba_topk,
-                         moba_full_attn_layers=list(moba_full_attn_layers), **flags)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(args, transformer_config(args, device), device)
+                         moba_full_attn_layers=list(moba_full_attn_layers))
+    mcfg = transformer_config(args, device)
+    if config_overrides:
+        if "params_dtype" in config_overrides:
+            config_overrides.setdefault("pipeline_dtype", config_overrides["params_dtype"])
+        mcfg = dataclasses.replace(mcfg, **config_overrides)
+    model = build_model(args, mcfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load_llama_weights(model, hf_dir, config, weights)
     model.hf_config = config  # what export_llama writes back
     return model

@@ -172,6 +172,31 @@ def _load_only(rank, world, port, folder, out):
         destroy_parallel()
 
 
+def _load_bf16(rank, world, port, folder, out):
+    init_parallel(rank, world, port)
+    try:
+        model = hf.load_llama(folder, moba_chunk_size=CHUNK, moba_topk=TOPK, params_dtype=torch.bfloat16)
+        qkv = model.decoder.layers[0].self_attention.linear_qkv.weight
+        try:
+            hf.load_llama(folder, moba_chunk_size=CHUNK, moba_topk=TOPK, no_such_field=1)
+            unknown = "accepted"
+        except TypeError as e:
+            unknown = str(e)
+        torch.save((qkv.dtype, model.config.pipeline_dtype, model.embedding.word_embeddings.weight.detach(), unknown), out)
+    finally:
+        destroy_parallel()
+
+
+def test_config_overrides_reach_the_model(llama, tmp_path):
+    """``load_llama``'s keyword overrides are fields of the model config (DESIGN §8): bf16 weights."""
+    spawn_ranks(_load_bf16, 1, folder=str(llama), out=str(tmp_path / "bf16.pt"))
+    dtype, pipeline_dtype, embedding, unknown = torch.load(tmp_path / "bf16.pt")
+    assert dtype == pipeline_dtype == embedding.dtype == torch.bfloat16
+    want = LlamaForCausalLM.from_pretrained(llama).model.embed_tokens.weight.detach()
+    assert torch.equal(embedding[:VOCAB], want.to(torch.bfloat16))
+    assert "no_such_field" in unknown
+
+
 def test_convert_continue_training_at_tp2_and_export(tmp_path):
     """The documented path: moba-convert hf-to-mcore, moba-pretrain --finetune at TP=2 (2 gloo ranks),
     moba-convert mcore-to-hf, then transformers loads the result."""
