@@ -309,18 +309,19 @@ def load_llama(hf_dir, *, moba_chunk_size: int, moba_topk: int, moba_full_attn_l
     the current parallel state (its TP/PP shards): the pretraining job's model, built from
     ``job_arguments``, on ``device`` (default: CUDA where there is one). ``config_overrides`` are
     fields of its ``MoBATransformerConfig``; fp32 unless ``params_dtype`` is overridden."""
-    from .training.setup import build_model, transformer_config
+    from .training.setup import build_model, default_device, transformer_config
 
     config = read_llama_config(hf_dir)
     weights = _Weights(hf_dir)
     args = job_arguments(config, moba_chunk_size=moba_chunk_size, moba_topk=moba_topk,
                          moba_full_attn_layers=list(moba_full_attn_layers))
+    device = device or default_device()
     mcfg = transformer_config(args, device)
     if config_overrides:
         if "params_dtype" in config_overrides:
             config_overrides.setdefault("pipeline_dtype", config_overrides["params_dtype"])
         mcfg = dataclasses.replace(mcfg, **config_overrides)
-    model = build_model(args, mcfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(args, mcfg, device)
     load_llama_weights(model, hf_dir, config, weights)
     model.hf_config = config  # what export_llama writes back
     return model

@@ -130,22 +130,32 @@ def _top_predictions(model, tokens: torch.Tensor, mine: torch.Tensor, answer_at:
     return dict(zip(held, logits.argmax(-1).tolist()))
 
 
+def _cp_positions(args, length: int, what: str, device: str) -> torch.Tensor:
+    """This CP rank's global positions of a ``length``-token input; SystemExit naming ``what`` where
+    the length does not split into whole MoBA blocks per CP chunk."""
+    from megatron.core import parallel_state
+
+    from ..parallel import check_cp_split, local_positions
+
+    cp = args.context_parallel_size
+    if cp > 1:
+        try:
+            check_cp_split(length, cp, args.moba_chunk_size)
+        except ValueError as e:
+            raise SystemExit(f"needle: error: {what}: {e}")
+    return local_positions(length, cp, parallel_state.get_context_parallel_rank(), device)
+
+
 def token_losses(args, model, task, device: str) -> list[dict]:
     """Loss and top-1 accuracy by kind of token (``SyntheticRetrieval.KINDS``) over ``args.token_losses``
     validation samples of the task at ``--seq-length`` with ``--retrieval-pairs``: whether the model
     uses its context (the question's value falls below its chance loss) before a needle grid says so."""
     from megatron.core import parallel_state
 
-    from ..parallel import check_cp_split, local_positions
     from ..training.data import SyntheticSplit
 
     n = args.seq_length
-    if args.context_parallel_size > 1:
-        try:
-            check_cp_split(n, args.context_parallel_size, args.moba_chunk_size)
-        except ValueError as e:
-            raise SystemExit(f"needle: error: --token-losses at --seq-length {n}: {e}")
-    mine = local_positions(n, args.context_parallel_size, parallel_state.get_context_parallel_rank(), device)
+    mine = _cp_positions(args, n, f"--token-losses at --seq-length {n}", device)
     kinds = len(task.KINDS)
     sums = torch.zeros(3, kinds, dtype=torch.float64, device=device)  # loss, hits, count
     for i in range(args.token_losses):
@@ -166,18 +176,9 @@ def token_losses(args, model, task, device: str) -> list[dict]:
 def evaluate(args, model, probes, device: str) -> list[dict]:
     from megatron.core import parallel_state
 
-    from ..parallel import check_cp_split, local_positions
-
-    cp = args.context_parallel_size
-    cp_rank = parallel_state.get_context_parallel_rank()
     results = []
     for length in args.lengths:
-        if cp > 1:
-            try:
-                check_cp_split(length, cp, args.moba_chunk_size)
-            except ValueError as e:
-                raise SystemExit(f"needle: error: --lengths {length}: {e}")
-        mine = local_positions(length, cp, cp_rank, device)
+        mine = _cp_positions(args, length, f"--lengths {length}", device)
         for depth in args.depths:
             hits = torch.zeros((), device=device)
             for i in range(args.samples):
@@ -250,10 +251,10 @@ def main(argv=None) -> None:
             if fused_paths_missing():
                 print(f"needle: {SUMMARY}", flush=True)
             print(f"needle: {args.load} (iteration {loaded}), {kind} needles, {attention}", flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
         if args.token_losses:
             losses = token_losses(args, model, probes.task, device)
             if rank0:
-                args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "token_losses.json").write_text(json.dumps(losses, indent=1))
                 print(f"needle: loss by kind of token, {args.token_losses} validation samples of {args.seq_length} "
                       f"tokens, {args.retrieval_pairs} pair(s) each", flush=True)
@@ -263,7 +264,6 @@ def main(argv=None) -> None:
                           f"top-1 {r['accuracy']:.3f}{chance}", flush=True)
         results = evaluate(args, model, probes, device)
         if rank0:
-            args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "needle.json").write_text(json.dumps(results, indent=1))
             title = f"{args.load} (iteration {loaded}): {kind}, {attention}"
             if heatmap(results, args.out / "needle.png", title):

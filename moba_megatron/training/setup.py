@@ -42,7 +42,7 @@ def init_distributed(args) -> str:
             fail(f"--seq-length {args.seq_length} does not split into MoBA blocks at --context-parallel-size {cp}: {e}")
     if args.bf16 and not torch.cuda.is_available():
         fail("--bf16 needs GPUs; the CPU run trains in fp32")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if device == "cuda":
@@ -82,10 +82,15 @@ def check_batch(args) -> int:
     return args.global_batch_size // per_step
 
 
+def default_device() -> str:
+    """Where the job's model lives: CUDA where there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def transformer_config(args, device: str | None = None) -> MoBATransformerConfig:
     """The model config of the job's ``args`` for a model built on ``device`` (default: CUDA where
     there is one); on the CPU, megatron initializes the weights without the CUDA RNG tracker."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     ffn = args.ffn_hidden_size
     if ffn is None:
         ffn = max(64, int(8 * args.hidden_size / 3) // 64 * 64) if args.swiglu else 4 * args.hidden_size
