@@ -28,7 +28,8 @@ def build_data(args):
         valid_samples = args.eval_iters * args.global_batch_size
         if not args.data_path:
             vocab = args.vocab_tokens = args.vocab_size or DEFAULT_VOCAB
-            task = SyntheticRetrieval(vocab, args.seq_length, args.seed, args.retrieval_pairs)
+            task = SyntheticRetrieval(vocab, args.seq_length, args.seed, args.retrieval_pairs,
+                                      echoes=args.retrieval_echoes)
             args.padded_vocab_size = padded_vocab_size(vocab, None, args.make_vocab_size_divisible_by,
                                                        args.tensor_model_parallel_size)
             valid = SyntheticSplit(task, SyntheticSplit.VALID) if valid_samples else None

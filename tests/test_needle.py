@@ -18,7 +18,7 @@ from tests.training.test_pretrain import ROOT, SMALL, bpe_tokenizer, pretrain
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_synthetic_probe_plants_the_needle_at_its_depth(depth):
-    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3, seq_length=64, retrieval_pairs=1))
+    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3, seq_length=64, retrieval_pairs=1, retrieval_echoes=0.0))
     tokens, answer_at = probes.probe(7, 400, depth)
     assert tokens.shape == (401,) and answer_at == [399]
     at = 1 + round(depth * (401 - 7))

@@ -72,7 +72,8 @@ class SyntheticProbes:
         from ..training.data import DEFAULT_VOCAB, SyntheticRetrieval
 
         # The training job's task (the same keys, values and filler rule); a probe takes its own length.
-        self.task = SyntheticRetrieval(args.vocab_size or DEFAULT_VOCAB, args.seq_length, args.seed, args.retrieval_pairs)
+        self.task = SyntheticRetrieval(args.vocab_size or DEFAULT_VOCAB, args.seq_length, args.seed, args.retrieval_pairs,
+                                       echoes=args.retrieval_echoes)
         self.tokens = self.task.vocab_size
 
     def probe(self, index: int, length: int, depth: float):

@@ -6,6 +6,10 @@ Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss f
 ``pairs`` key/value needles planted in its first half, ``KEY k v``; it ends with ``QUERY k v`` for each
 of them, in another order. Predicting each ``v`` means finding ``k`` many blocks back: MoBA's routing
 matters there. More pairs give more retrieval targets a step (a denser signal to learn from).
+
+With ``echoes`` a fraction of the filler is random spans shown twice, at random distances: text-like
+repetition that only copying from context predicts. A model learns that copying (an induction head)
+from echoes long before it does from the needles alone, and then answers the needles with it.
 Sample ``i`` is a pure function of (seed, i), so any rank can produce any sample and a resumed run
 sees exactly the data it would have seen.
 """
@@ -20,6 +24,7 @@ import torch
 BOS, KEY, QUERY = 0, 1, 2
 FIRST_FILLER = 3
 DEFAULT_VOCAB = 256  # the synthetic task's vocabulary without --vocab-size
+ECHO_SPAN = 32  # tokens of each repeated span of --retrieval-echoes
 
 
 class SyntheticRetrieval:
@@ -29,7 +34,8 @@ class SyntheticRetrieval:
 
     NEEDLE_STREAM = 2
 
-    def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1):
+    def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1,
+                 echoes: float = 0.0):
         self.keys = max(pairs, (vocab_size - FIRST_FILLER) // 8)
         if vocab_size < FIRST_FILLER + 8 or vocab_size - FIRST_FILLER - self.keys < 4:
             need = max(FIRST_FILLER + 8, FIRST_FILLER + pairs + 4)
@@ -37,7 +43,10 @@ class SyntheticRetrieval:
                              f"{pairs}, got {vocab_size}")
         if seq_length < 8 + 6 * pairs:
             raise ValueError(f"--seq-length {seq_length} is too short for {pairs} retrieval pair(s)")
+        if not 0.0 <= echoes < 1.0:
+            raise ValueError(f"--retrieval-echoes is the fraction of filler in repeated spans, in [0, 1); got {echoes}")
         self.vocab_size, self.seq_length, self.seed, self.pairs, self.noise = vocab_size, seq_length, seed, pairs, noise
+        self.echoes = echoes
         self.first_filler = FIRST_FILLER + self.keys
         g = torch.Generator().manual_seed(seed)
         # The bigram rule walks one long cycle through all filler tokens (no fixed points).
@@ -79,6 +88,13 @@ class SyntheticRetrieval:
         start = self.position[random_tokens[last_reset]]
         tokens = self.cycle[(start + steps - last_reset) % fillers]
         tokens[0] = BOS
+        spans = min(round(self.echoes * n) // (2 * ECHO_SPAN), (n - 1) // ECHO_SPAN // 2)
+        if spans:
+            # each span at two distinct span-aligned places, the first showing earlier
+            places = torch.randperm((n - 1) // ECHO_SPAN, generator=g)[: 2 * spans].view(-1, 2).sort(1).values
+            at = 1 + places[..., None] * ECHO_SPAN + torch.arange(ECHO_SPAN)  # [spans, 2, ECHO_SPAN]
+            content = self.first_filler + torch.randint(fillers, (at.shape[0], 1, ECHO_SPAN), generator=g)
+            tokens[at] = content.expand_as(at)
         return tokens
 
     def needle(self, index: int, length: int, depth: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from moba_megatron.tools.preprocess_data import main as preprocess_main
 from moba_megatron.tools.preprocess_data import preprocess
-from moba_megatron.training.data import KEY, QUERY, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
+from moba_megatron.training.data import BOS, KEY, QUERY, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
 from moba_megatron.training.tokenizer import build_tokenizer, padded_vocab_size
 
 
@@ -89,6 +89,27 @@ def test_synthetic_retrieval_plants_and_asks_needles():
     assert not torch.equal(valid.batch([0])[0], SyntheticSplit(data, SyntheticSplit.TRAIN).batch([0])[0])
     with pytest.raises(ValueError, match="--seq-length 10 is too short"):
         SyntheticRetrieval(64, 10, 0, pairs=2)
+
+
+def test_synthetic_echoes_repeat_random_spans():
+    from moba_megatron.training.data import ECHO_SPAN
+
+    plain = SyntheticRetrieval(vocab_size=64, seq_length=1024, seed=3, pairs=2)
+    data = SyntheticRetrieval(vocab_size=64, seq_length=1024, seed=3, pairs=2, echoes=0.5)
+    sample = data.sample(5)
+    assert torch.equal(sample, data.sample(5)) and sample[0] == BOS and (sample[1:] != BOS).all()
+    # In the filler (before the needles go in), half the tokens are spans that occur exactly twice.
+    filler = data._filler(data._generator(5, 0), 1025)
+    windows = filler[1 : 1 + (1024 // ECHO_SPAN) * ECHO_SPAN].view(-1, ECHO_SPAN)
+    repeated = [i for i in range(len(windows)) if sum(torch.equal(windows[i], w) for w in windows) == 2]
+    assert len(repeated) * ECHO_SPAN == 512
+    bigram = lambda x: (plain.position[x[1:]] == (plain.position[x[:-1]] + 1) % len(plain.cycle)).float().mean()
+    assert bigram(plain.sample(5)[1:500]) > 0.8 and bigram(windows[repeated[0]]) < 0.3  # spans are not the chain
+    for key in sample[(sample == KEY).nonzero().flatten() + 1].tolist():  # keys stay out of the filler
+        assert (sample == key).sum() == 2
+    assert (data.needle(0, 300, 0.5) >= 0).all()
+    with pytest.raises(ValueError, match=r"--retrieval-echoes .* in \[0, 1\); got 1.5"):
+        SyntheticRetrieval(64, 200, 0, echoes=1.5)
 
 
 def test_synthetic_label_kinds_name_each_label():
