@@ -65,16 +65,6 @@ class KeyBlocks:
         idx = (tokens[None] * hkv + torch.arange(hkv, device=self.k.device)[:, None, None]).flatten()
         return tuple(x.view(-1, d)[idx].view(hkv * layout.num_blocks, layout.chunk, d) for x in (self.k, self.v))
 
-    def to_tokens(self, grads, kv0: int, kv1: int) -> list[torch.Tensor]:
-        """Block-major gradients ``[(kv1 - kv0) * blocks, C, D]`` of kv heads ``[kv0, kv1)`` ->
-        token-major ``[Tk, kv1 - kv0, D]`` each."""
-        layout, device = self.layout, grads[0].device
-        block = layout.token_block
-        within = torch.arange(layout.num_tokens, device=device) - layout.block_starts_dev[block]
-        h = torch.arange(kv1 - kv0, device=device)
-        index = ((h[None, :] * layout.num_blocks + block[:, None]) * layout.chunk + within[:, None]).flatten()
-        return [g.view(-1, g.shape[-1])[index].view(layout.num_tokens, kv1 - kv0, -1) for g in grads]
-
 
 def merge_partials(out, lse, grid_out, grid_lse):
     """Merge each cell's own-block result with its per-slot partials by log-sum-exp.
@@ -179,25 +169,22 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
                         dq, dk, dv)
         return
     kb, vb = keys.block_major
-    nb, per_kv = layout.num_blocks, routes.subgroups * layout.num_blocks
-    if kernels.fused:
-        from .fused_routes import gather_rows
-    dkv, kv0 = None, 0  # fp32 block-major gradients of kv heads [kv0, ...) until they are complete
-    t = q.shape[0]
+    per_kv = routes.subgroups * layout.num_blocks
+    dkv, kv0 = None, 0  # fp32 token-major dK, dV of kv heads [kv0, ...) until they are complete
     for grp, pieces in zip(routes.groups, routes.pieces(kernels.tile_width, layout.chunk, d)):
         kv1 = -(-grp.run1 // per_kv)
         if dkv is None:
             kv0 = grp.run0 // per_kv
-            dkv = torch.zeros(2, (kv1 - kv0) * nb, layout.chunk, d, dtype=torch.float32, device=q.device)
-        nh = grp.h1 - grp.h0
-        spare = t * nh * routes.slots
-        grid_dq = q.new_zeros(spare + 1, d)  # per (cell, slot) dq of the group's heads, summed below
+            dkv = torch.zeros(2, layout.num_tokens, kv1 - kv0, d, dtype=torch.float32, device=q.device)
+        group_dq = torch.zeros(q.shape[0], grp.h1 - grp.h0, d, dtype=torch.float32, device=q.device)
         for piece in pieces:
             sorted_rows, valid = piece.slots()
-            cell, head_major, slot, tok, head = _cells(routes, routes.order[sorted_rows])
             if kernels.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
+                from .fused_routes import add_key_tiles, add_rows, gather_rows
+
                 dout_rows, q_rows, out_rows, lse_rows = gather_rows(dout, q, out, lse, routes, sorted_rows, valid)
             else:
+                cell, head_major, _, tok, head = _cells(routes, routes.order[sorted_rows])
                 dout_rows, q_rows, out_rows = (x.view(-1, d)[cell] for x in (dout, q, out))
                 if valid is not None:
                     dout_rows = torch.where(valid[:, None], dout_rows, 0)
@@ -206,16 +193,22 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
                 dout_rows, q_rows, kb[piece.tile_block], vb[piece.tile_block], out_rows, lse_rows,
                 piece.tile_rows, piece.width, piece.max_rows, scale,
             )
-            dst = (tok * nh + head - grp.h0) * routes.slots + slot
-            put_rows(grid_dq, dst if valid is None else torch.where(valid, dst, spare), dq_r)
-            local = piece.tile_block - kv0 * nb
-            dkv[0].index_add_(0, local, dk_r.float())
-            dkv[1].index_add_(0, local, dv_r.float())
+            dk_r, dv_r = (x.reshape(piece.num_tiles, layout.chunk, d) for x in (dk_r, dv_r))
+            if kernels.fused:
+                add_rows(group_dq, dq_r.contiguous(), routes, sorted_rows, valid, grp.h0)
+                add_key_tiles(dkv[0], dkv[1], dk_r, dv_r, piece.tile_block, layout.block_starts_dev, kv0,
+                              layout.num_blocks)
+            else:  # padding rows' dq is zero (their dO is)
+                group_dq.index_put_((tok, head - grp.h0), dq_r.float(), accumulate=True)
+                tokens = layout.block_starts_dev[piece.tile_block % layout.num_blocks, None] + torch.arange(
+                    layout.chunk, device=q.device)
+                at = (tokens * (kv1 - kv0) + (piece.tile_block // layout.num_blocks - kv0)[:, None]).flatten()
+                for acc, g in zip(dkv, (dk_r, dv_r)):
+                    acc.view(-1, d).index_add_(0, at, g.reshape(-1, d).float())
             del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows
-        # computed in fp32 and rounded once into dq's dtype
-        dq[:, grp.h0 : grp.h1] += grid_dq[:-1].view(t, nh, routes.slots, d).sum(2, dtype=torch.float32)
-        del grid_dq
+        dq[:, grp.h0 : grp.h1] += group_dq  # computed in fp32 and rounded once into dq's dtype
+        del group_dq
         if grp.run1 % per_kv == 0:  # the kv heads' last runs are done
-            for grad, acc in zip((dk, dv), keys.to_tokens(dkv, kv0, kv1)):
-                grad[:, kv0:kv1] = grad[:, kv0:kv1].float() + acc
+            dk[:, kv0:kv1] += dkv[0]
+            dv[:, kv0:kv1] += dkv[1]
             dkv = None
