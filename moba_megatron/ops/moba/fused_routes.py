@@ -1,6 +1,8 @@
 """MoBA's routed attention in Triton: the rows that chose a block attend it straight out of q, k, v
 (forward and backward), the partial results are merged with the own-block ones in one pass, and,
-for the backends whose backward runs on tiles, the tiles' rows are gathered in one launch.
+for the backends whose backward runs on tiles, the tiles' rows are gathered in one launch and their
+gradients added back (dq by row, dK/dV by tile) in one launch each. K and V reach the kernels that
+stream over a block's keys through TMA descriptors.
 
 Rows come sorted into *runs* (``routing.Routes``): the rows of one run attend one key block of one
 kv head. A row id ``r`` names its cell and slot, ``cell = r // slots`` with ``cell = t * heads + h``

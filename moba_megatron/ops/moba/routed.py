@@ -10,7 +10,8 @@ layout of their blocks (the op's own, or every rank's gathered).
 On CUDA backends the forward and, for blocks below the backend's ``tiles_backward_min_chunk``, the
 backward run in fused_routes.py's Triton kernels (nothing waits for the host). Elsewhere the rows
 are cut into tiles for the backend's tile calls; the tiles' rows come from one Triton gather per
-call where the backend has Triton, else from index copies.
+call, and their gradients go back by one Triton add each into fp32 accumulators, where the backend
+has Triton, else by index copies and ``index_put_``/``index_add_``.
 """
 
 from __future__ import annotations
