@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batches per validation (0: none); a last validation runs after training")
     g.add_argument("--retrieval-pairs", type=int, default=1, help="synthetic data: key/value needles per sequence, each asked at its end")
     g.add_argument("--retrieval-echoes", type=float, default=0.0,
-                   help="synthetic data: fraction of the filler in random spans shown twice (teaches copying "
-                        "from context, which the needles then use)")
+                   help="synthetic data: fraction of the filler in random spans shown twice (rewards copying "
+                        "from context, which the needles need)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=10)

@@ -8,8 +8,9 @@ of them, in another order. Predicting each ``v`` means finding ``k`` many blocks
 matters there. More pairs give more retrieval targets a step (a denser signal to learn from).
 
 With ``echoes`` a fraction of the filler is random spans shown twice, at random distances: text-like
-repetition that only copying from context predicts. A model learns that copying (an induction head)
-from echoes long before it does from the needles alone, and then answers the needles with it.
+repetition that only copying from context predicts, meant to reward that copying (an induction
+head) on many more tokens than the needles give. In the runs so far it did not make models copy
+(benchmarks/RESULTS.md).
 Sample ``i`` is a pure function of (seed, i), so any rank can produce any sample and a resumed run
 sees exactly the data it would have seen.
 """

@@ -390,7 +390,8 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         bn = math.gcd(bn, chunk)
         _backward_dq_kernel[(programs,)](
             q, *key_descriptors(k, v, bn), dout, lse, delta, dq, routes.order, routes.run_start, tile_ends,
-            block_starts, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1), routes.num_runs, t, heads, routes.slots, nb, routes.subgroups * nb, scale, scale * _LOG2E,
+            block_starts, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
+            routes.num_runs, t, heads, routes.slots, nb, routes.subgroups * nb, scale, scale * _LOG2E,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )
 
@@ -430,7 +431,8 @@ def add_rows(acc, rows, routes, sorted_rows, valid, h0: int) -> None:
     n, d = rows.shape
     if n == 0:
         return
-    assert acc.dtype == torch.float32 and acc.stride(2) == 1 and rows.is_contiguous()
+    assert acc.dtype == torch.float32 and acc.stride(2) == 1
+    rows = rows.contiguous()
     has_valid = valid is not None
     _add_rows_kernel[(triton.cdiv(n, GATHER_ROWS),)](
         acc, rows, routes.order, sorted_rows, valid.view(torch.uint8) if has_valid else sorted_rows, n,

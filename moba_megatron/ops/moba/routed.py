@@ -171,6 +171,8 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         return
     kb, vb = keys.block_major
     per_kv = routes.subgroups * layout.num_blocks
+    if kernels.fused:
+        from .fused_routes import add_key_tiles, add_rows, gather_rows
     dkv, kv0 = None, 0  # fp32 token-major dK, dV of kv heads [kv0, ...) until they are complete
     for grp, pieces in zip(routes.groups, routes.pieces(kernels.tile_width, layout.chunk, d)):
         kv1 = -(-grp.run1 // per_kv)
@@ -181,8 +183,6 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         for piece in pieces:
             sorted_rows, valid = piece.slots()
             if kernels.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
-                from .fused_routes import add_key_tiles, add_rows, gather_rows
-
                 dout_rows, q_rows, out_rows, lse_rows = gather_rows(dout, q, out, lse, routes, sorted_rows, valid)
             else:
                 cell, head_major, _, tok, head = _cells(routes, routes.order[sorted_rows])
@@ -194,9 +194,8 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
                 dout_rows, q_rows, kb[piece.tile_block], vb[piece.tile_block], out_rows, lse_rows,
                 piece.tile_rows, piece.width, piece.max_rows, scale,
             )
-            dk_r, dv_r = (x.reshape(piece.num_tiles, layout.chunk, d) for x in (dk_r, dv_r))
-            if kernels.fused:
-                add_rows(group_dq, dq_r.contiguous(), routes, sorted_rows, valid, grp.h0)
+            if kernels.fused:  # dk_r, dv_r are [tiles, C, D], shaped like the key tiles
+                add_rows(group_dq, dq_r, routes, sorted_rows, valid, grp.h0)
                 add_key_tiles(dkv[0], dkv[1], dk_r, dv_r, piece.tile_block, layout.block_starts_dev, kv0,
                               layout.num_blocks)
             else:  # padding rows' dq is zero (their dO is)
