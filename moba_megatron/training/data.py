@@ -7,10 +7,10 @@ Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss f
 of them, in another order. Predicting each ``v`` means finding ``k`` many blocks back: MoBA's routing
 matters there. More pairs give more retrieval targets a step (a denser signal to learn from).
 
-With ``echoes`` a fraction of the filler is random spans shown twice, at random distances: text-like
-repetition that only copying from context predicts, meant to reward that copying (an induction
-head) on many more tokens than the needles give. In the runs so far it did not make models copy
-(benchmarks/RESULTS.md).
+With ``echoes`` a fraction of the filler is random spans shown twice, at random span-aligned places
+(their distance a multiple of ``ECHO_SPAN``): text-like repetition that only copying from context
+predicts, meant to reward that copying (an induction head) on many more tokens than the needles
+give. In the runs so far it did not make models answer the needles (benchmarks/RESULTS.md).
 Sample ``i`` is a pure function of (seed, i), so any rank can produce any sample and a resumed run
 sees exactly the data it would have seen.
 """
