@@ -3,9 +3,10 @@
 Synthetic retrieval needs no download.
 
 Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss falls quickly) with
-``pairs`` key/value needles planted in its first half, ``KEY k v``; it ends with ``QUERY k v`` for each
-of them, in another order. Predicting each ``v`` means finding ``k`` many blocks back: MoBA's routing
-matters there. More pairs give more retrieval targets a step (a denser signal to learn from).
+``pairs`` key/value needles, ``KEY k v``, planted anywhere before the questions; it ends with
+``QUERY k v`` for each of them, in another order. Predicting each ``v`` means finding ``k`` up to a
+whole sequence back, so training meets every distance the needle eval asks about, and MoBA's routing
+matters for the far ones. More pairs give more retrieval targets a step (a denser signal to learn from).
 
 With ``echoes`` a fraction of the filler is random spans shown twice, at random span-aligned places
 (their distance a multiple of ``ECHO_SPAN``): text-like repetition that only copying from context
@@ -63,8 +64,8 @@ class SyntheticRetrieval:
         tokens = self._filler(g, n)
         keys = FIRST_FILLER + torch.randperm(self.keys, generator=g)[: self.pairs]
         values = self.first_filler + torch.randint(self.vocab_size - self.first_filler, (self.pairs,), generator=g)
-        half = n // 2
-        slots = torch.randperm(max(1, (half - 1) // 3), generator=g)[: self.pairs] * 3 + 1
+        before_questions = n - 3 * self.pairs
+        slots = torch.randperm((before_questions - 1) // 3, generator=g)[: self.pairs] * 3 + 1
         for s, k, v in zip(slots.tolist(), keys.tolist(), values.tolist()):
             tokens[s : s + 3] = torch.tensor([KEY, k, v])
         asked = torch.randperm(self.pairs, generator=g)

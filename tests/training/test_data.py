@@ -75,12 +75,15 @@ def test_synthetic_retrieval_plants_and_asks_needles():
     data = SyntheticRetrieval(vocab_size=64, seq_length=200, seed=3, pairs=2)
     sample = data.sample(5)
     assert sample.shape == (201,) and torch.equal(sample, data.sample(5))  # a pure function of the index
-    planted = (sample[:100] == KEY).nonzero().flatten().tolist()
+    planted = (sample[:-6] == KEY).nonzero().flatten().tolist()
     needles = {(int(sample[p + 1]), int(sample[p + 2])) for p in planted}
     asked = sample[-6:].view(2, 3)
     assert (asked[:, 0] == QUERY).all() and len(needles) == 2  # every needle planted once and asked once
     assert {(int(k), int(v)) for k, v in asked[:, 1:]} == needles
-    assert not (sample[100:-6] == QUERY).any()
+    assert not (sample[:-6] == QUERY).any()
+    # needles anywhere before the questions, so training meets every distance the eval asks about
+    places = torch.cat([(data.sample(i)[:-6] == KEY).nonzero().flatten() for i in range(40)])
+    assert places.min() < 20 and places.max() > 170
     for key, _ in needles:  # a key occurs in its needle and its question, nowhere in the filler
         assert (sample == key).sum() == 2
     probe = data.needle(0, 150, 0.5)
@@ -120,7 +123,7 @@ def test_synthetic_label_kinds_name_each_label():
     names = [data.KINDS[k] for k in kinds.tolist()]
     assert names[-6:] == ["markers", "question key", "question value"] * 2  # the labels of the questions
     assert names.count("needle key") == names.count("needle value") == 2
-    planted = (sample[:100] == KEY).nonzero().flatten()
+    planted = (sample[:-6] == KEY).nonzero().flatten()
     assert sorted((kinds == 1).nonzero().flatten().tolist()) == planted.tolist()  # the label after KEY
     assert torch.equal(labels[kinds == 2].sort().values, sample[planted + 2].sort().values)
     assert torch.equal(labels[kinds == 4].sort().values, labels[kinds == 2].sort().values)  # asked = planted

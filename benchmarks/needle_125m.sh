@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The needle eval's GPU run: the 125M config (configs/gpt-125m-32k.yaml) taught the synthetic task's
+# retrieval at 32K, then the needle grid for MoBA (the config: 2048 / 3, layer 12 full) and/or full
+# attention, each fine-tuned at 32K from one shared base.
+#
+#   benchmarks/needle_125m.sh OUTDIR moba [full]
+#
+# Why the stages (benchmarks/RESULTS.md, "The needle eval"): a model learns to retrieve (an induction
+# head forms, abruptly) only where needles are dense and the vocabulary small: 64 tokens with 8
+# needles, vocabulary 64. A base trained there keeps retrieving when the length grows 8x at a time
+# and loses it when it jumps from 64 (or 2K) to 32K at once. The vocabulary fixes the key range
+# (the task takes max(pairs, (vocab - 3) // 8) keys), so every stage keeps 8 needles.
+# On one H200: about 4.5 minutes to the 4K checkpoint, then about 1.5 minutes a variant.
+# Step counts: BASE_ITERS (2600), STAGE_ITERS (200 at each stage), LONG_ITERS (100 at 32K). CONFIG, STAGES
+# and LENGTHS (of the needle grid) change the model, the lengthening and the grid (a CPU test runs a tiny one).
+set -euo pipefail
+out=${1:?usage: benchmarks/needle_125m.sh OUTDIR moba [full]}
+shift
+[ $# -gt 0 ] || set -- moba full
+source "$(dirname "$0")/../launch/env.sh"
+runs=${RUNS:-$out/checkpoints}
+mkdir -p "$out" "$runs"
+task=(--config "${CONFIG:-configs/gpt-125m-32k.yaml}" --vocab-size 64 --retrieval-pairs 8 --eval-interval 100000 --eval-iters 0)
+log() { echo "$(date +%T) $*" | tee -a "$out/log.txt"; }
+job() {  # a one-GPU job: its progress lines into the log; a failure stops the run with its output's tail
+    local status=0
+    python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m "$@" > "$out/job.log" 2>&1 || status=$?
+    grep -E "iteration .*lm loss|saved|exiting|rror|^needle" "$out/job.log" | cut -c1-200 | tee -a "$out/log.txt" || true
+    [ "$status" = 0 ] || { tail -n 20 "$out/job.log"; exit "$status"; }
+}
+
+log "base: 64 tokens, 256 sequences a step, full attention"
+job moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 --moba-disable \
+    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2600}" --log-interval 200 --save "$runs/s64"
+previous=s64
+for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step (one MoBA block: full attention is the same)
+    length=${stage%:*} micro=${stage#*:}
+    log "$length tokens"
+    job moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" --moba-disable \
+        --seq-length "$length" --micro-batch-size "$micro" --global-batch-size "$micro" \
+        --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-200}" --log-interval 50
+    previous=s$length
+done
+for variant in "$@"; do
+    case $variant in moba) flags=() ;; full) flags=(--moba-disable) ;; *) echo "unknown variant $variant (moba or full)"; exit 2 ;; esac
+    log "$variant at the config's length"
+    job moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$previous" --finetune --save "$runs/$variant" \
+        --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 --lr-warmup-iters 10 \
+        --train-iters "${LONG_ITERS:-100}" --log-interval 20
+    job moba_megatron.eval.needle "${task[@]}" "${flags[@]}" --load "$runs/$variant" --token-losses 2 \
+        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples 6 --out "$out/$variant"
+done
+log done
