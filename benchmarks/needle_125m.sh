@@ -8,10 +8,12 @@
 # Why the stages (benchmarks/RESULTS.md, "GPU runs of the fourth session"): the models here formed an
 # induction head (the loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8
 # needles, vocabulary 64, after 500-2000 steps of the 125M config; with vocabulary 2048, not in 3200.
-# Lengthened from there to 32K at once they were back at chance; a small CPU model regained retrieval
-# within 150-300 steps after each 4-8x lengthening. The vocabulary fixes the key range (the task takes
-# max(pairs, (vocab - 3) // 8) keys), so every stage keeps 8 needles.
-# On one H200 the base runs at about 90 ms a step, 32K at about 320 ms a step (MoBA) and 465 (full).
+# A small CPU model regained retrieval within 150-300 steps after each 4-8x lengthening. The vocabulary
+# fixes the key range (the task takes max(pairs, (vocab - 3) // 8) keys), so every stage keeps 8 needles.
+# NOT YET A WORKING RECIPE on the 125M model (RESULTS.md, "GPU runs of 2026-12-03"): its retrieval at
+# 64 tokens was gone after the first stage at 512 (lr 5e-4 and 1e-4 alike), so every needle cell at
+# 4K-32K was 0. The checks after each stage (check*/token_losses.json) show where it goes.
+# On one H200 the base runs at about 90-120 ms a step, 32K at about 325 ms a step (MoBA) and 465 (full).
 # Step counts: BASE_ITERS (2600), STAGE_ITERS (200 at each stage), LONG_ITERS (300 at 32K). CONFIG, STAGES
 # and LENGTHS (of the needle grid) change the model, the lengthening and the grid (a CPU test runs a tiny one).
 set -euo pipefail
@@ -30,9 +32,16 @@ job() {  # a one-GPU job: its progress lines into the log; a failure stops the r
     [ "$status" = 0 ] || { tail -n 20 "$out/job.log"; exit "$status"; }
 }
 
+check() {  # LENGTH CHECKPOINT: the loss by kind of token at that length and one needle cell, to see where retrieval goes
+    local samples=$((16384 / $1)); samples=$((samples > 32 ? 32 : samples < 2 ? 2 : samples))
+    job moba_megatron.eval.needle "${task[@]}" --moba-disable --load "$runs/$2" --seq-length "$1" --token-losses "$samples" \
+        --lengths "$1" --depths 0.5 --samples 4 --out "$out/check$1"
+}
+
 log "base: 64 tokens, 256 sequences a step, full attention"
 job moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 --moba-disable \
     --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2600}" --log-interval 200 --save "$runs/s64"
+check 64 s64
 previous=s64
 for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step (one MoBA block: full attention is the same)
     length=${stage%:*} micro=${stage#*:}
@@ -40,6 +49,7 @@ for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step
     job moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" --moba-disable \
         --seq-length "$length" --micro-batch-size "$micro" --global-batch-size "$micro" \
         --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-200}" --log-interval 50
+    check "$length" "s$length"
     previous=s$length
 done
 for variant in "$@"; do
