@@ -12,7 +12,8 @@
 # fixes the key range (the task takes max(pairs, (vocab - 3) // 8) keys), so every stage keeps 8 needles.
 # NOT YET A WORKING RECIPE on the 125M model (RESULTS.md, "GPU runs of 2026-12-03"): its retrieval at
 # 64 tokens was gone after the first stage at 512 (lr 5e-4 and 1e-4 alike), so every needle cell at
-# 4K-32K was 0. The checks after each stage (check*/token_losses.json) show where it goes.
+# 4K-32K was 0; those bases retrieved only in part at 64 (top-1 0.4-0.5). The checks after each
+# stage (check*/token_losses.json) show where it goes.
 # On one H200 the base runs at about 90-120 ms a step, 32K at about 325 ms a step (MoBA) and 465 (full).
 # Step counts: BASE_ITERS (2600), STAGE_ITERS (200 at each stage), LONG_ITERS (300 at 32K). CONFIG, STAGES
 # and LENGTHS (of the needle grid) change the model, the lengthening and the grid (a CPU test runs a tiny one).
