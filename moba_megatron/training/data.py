@@ -12,8 +12,8 @@ With ``echoes`` a fraction of the filler is random spans shown twice, at random 
 (their distance a multiple of ``ECHO_SPAN``): text-like repetition that only copying from context
 predicts, meant to reward that copying (an induction head) on many more tokens than the needles
 give. In the runs so far it did not make models answer the needles (benchmarks/RESULTS.md).
-Sample ``i`` is a pure function of (seed, i), so any rank can produce any sample and a resumed run
-sees exactly the data it would have seen.
+Sample ``i`` is a pure function of (seed, i), whatever batch it is drawn in, so any rank can produce
+any sample and a resumed run sees exactly the data it would have seen.
 """
 
 from __future__ import annotations
@@ -27,6 +27,51 @@ BOS, KEY, QUERY = 0, 1, 2
 FIRST_FILLER = 3
 DEFAULT_VOCAB = 256  # the synthetic task's vocabulary without --vocab-size
 ECHO_SPAN = 32  # tokens of each repeated span of --retrieval-echoes
+
+
+MASK32 = 2**32 - 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), in two halves so no product leaves int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer: a bijection in which every input bit flips each output bit about half the time."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+class _Draws:
+    """Random draws for a batch of samples, counter-based: draw ``what`` of a sample at place ``i`` is
+    a hash of (the sample's seed, what, i). So a whole batch is a few tensor ops (a generator per
+    sample cost about 0.4 ms, which bounded short-sequence training), and a sample does not depend on
+    the batch it is drawn in."""
+
+    NOISE, RESTART, ECHO_PLACES, ECHO_TOKENS, KEYS, VALUES, SLOTS, ASKED = range(1, 9)
+
+    def __init__(self, seeds: torch.Tensor):
+        self.seeds = _mix32(seeds.long() & MASK32)[:, None]
+
+    def bits(self, what: int, count: int) -> torch.Tensor:
+        """``[samples, count]`` uniform integers in [0, 2**32)."""
+        stream = _mix32(self.seeds ^ _mix32(torch.tensor(what)))
+        return _mix32((stream + torch.arange(count)) & MASK32)
+
+    def uniform(self, what: int, count: int) -> torch.Tensor:
+        return self.bits(what, count).double() / 2**32
+
+    def integers(self, what: int, count: int, high: int) -> torch.Tensor:
+        """``[samples, count]`` uniform in [0, high), high < 2**31."""
+        return (self.bits(what, count) * high) >> 32
+
+    def permutations(self, what: int, count: int) -> torch.Tensor:
+        """``[samples, count]``: a random permutation of ``range(count)`` per sample."""
+        return self.bits(what, count).argsort(dim=1, stable=True)
 
 
 class SyntheticRetrieval:
@@ -50,53 +95,60 @@ class SyntheticRetrieval:
         self.vocab_size, self.seq_length, self.seed, self.pairs, self.noise = vocab_size, seq_length, seed, pairs, noise
         self.echoes = echoes
         self.first_filler = FIRST_FILLER + self.keys
+        self.fillers = vocab_size - self.first_filler
         g = torch.Generator().manual_seed(seed)
         # The bigram rule walks one long cycle through all filler tokens (no fixed points).
-        self.cycle = self.first_filler + torch.randperm(vocab_size - self.first_filler, generator=g)
+        self.cycle = self.first_filler + torch.randperm(self.fillers, generator=g)
         self.position = torch.empty(vocab_size, dtype=torch.long)
-        self.position[self.cycle] = torch.arange(vocab_size - self.first_filler)
+        self.position[self.cycle] = torch.arange(self.fillers)
 
-    def sample(self, index: int, stream: int = 0) -> torch.Tensor:
-        """Tokens ``[seq_length + 1]``: inputs are ``[:-1]``, labels ``[1:]``. Streams are disjoint
-        sample sequences (training 0, validation 1, the needle probes ``NEEDLE_STREAM``)."""
-        g = self._generator(index, stream)
-        n = self.seq_length + 1
-        tokens = self._filler(g, n)
-        keys = FIRST_FILLER + torch.randperm(self.keys, generator=g)[: self.pairs]
-        values = self.first_filler + torch.randint(self.vocab_size - self.first_filler, (self.pairs,), generator=g)
-        before_questions = n - 3 * self.pairs
-        slots = torch.randperm((before_questions - 1) // 3, generator=g)[: self.pairs] * 3 + 1
-        for s, k, v in zip(slots.tolist(), keys.tolist(), values.tolist()):
-            tokens[s : s + 3] = torch.tensor([KEY, k, v])
-        asked = torch.randperm(self.pairs, generator=g)
-        queries = torch.stack([torch.full((self.pairs,), QUERY), keys[asked], values[asked]], 1)
-        tokens[n - 3 * self.pairs :] = queries.flatten()
+    def samples(self, indices: list[int], stream: int = 0) -> torch.Tensor:
+        """Tokens ``[len(indices), seq_length + 1]``: inputs are ``[:, :-1]``, labels ``[:, 1:]``.
+        Streams are disjoint sample sequences (training 0, validation 1, the needle probes
+        ``NEEDLE_STREAM``)."""
+        draws = self._draws(indices, stream)
+        n, pairs = self.seq_length + 1, self.pairs
+        tokens = self._filler(draws, n)
+        keys = FIRST_FILLER + draws.permutations(draws.KEYS, self.keys)[:, :pairs]
+        values = self.first_filler + draws.integers(draws.VALUES, pairs, self.fillers)
+        # each needle in its own slot of three tokens, anywhere before the questions
+        slots = 1 + 3 * draws.permutations(draws.SLOTS, (n - 3 * pairs - 1) // 3)[:, :pairs]
+        needles = torch.stack([torch.full_like(keys, KEY), keys, values], -1)  # [samples, pairs, 3]
+        tokens.scatter_(1, (slots[..., None] + torch.arange(3)).flatten(1), needles.flatten(1))
+        asked = draws.permutations(draws.ASKED, pairs)
+        tokens[:, n - 3 * pairs :] = needles.gather(1, asked[..., None].expand(-1, -1, 3)).flatten(1)
+        tokens[:, n - 3 * pairs :: 3] = QUERY
         return tokens
 
-    def _generator(self, index: int, stream: int) -> torch.Generator:
-        """Sample ``index`` of ``stream``'s generator (the CPU generator takes 32-bit seeds)."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + index + stream * 0x9E3779B9) % 2**32)
+    def sample(self, index: int, stream: int = 0) -> torch.Tensor:
+        """Sample ``index`` of ``stream``: tokens ``[seq_length + 1]``."""
+        return self.samples([index], stream)[0]
 
-    def _filler(self, g: torch.Generator, n: int) -> torch.Tensor:
-        """``n`` tokens of the noisy bigram chain, ``BOS`` first."""
-        fillers = self.vocab_size - self.first_filler
-        noise = torch.rand(n, generator=g) < self.noise
-        noise[0] = True
-        random_tokens = self.first_filler + torch.randint(fillers, (n,), generator=g)
+    def _draws(self, indices: list[int], stream: int) -> _Draws:
+        """The draws of these samples of ``stream``: each sample's seed is a pure function of (seed, index, stream)."""
+        return _Draws((self.seed * 1_000_003 + torch.tensor(indices, dtype=torch.long) + stream * 0x9E3779B9) & MASK32)
+
+    def _filler(self, draws: _Draws, n: int) -> torch.Tensor:
+        """``[samples, n]`` tokens of the noisy bigram chain, ``BOS`` first."""
+        noise = draws.uniform(draws.NOISE, n) < self.noise
+        noise[:, 0] = True
+        random_tokens = self.first_filler + draws.integers(draws.RESTART, n, self.fillers)
         # After each noisy token the chain steps along the cycle: token i is the (i - r)-th
         # successor of the random token at r, the last noisy position at or before i.
         steps = torch.arange(n)
-        last_reset = torch.cummax(torch.where(noise, steps, 0), dim=0).values
-        start = self.position[random_tokens[last_reset]]
-        tokens = self.cycle[(start + steps - last_reset) % fillers]
-        tokens[0] = BOS
+        last_reset = torch.cummax(torch.where(noise, steps, 0), dim=1).values
+        start = self.position[random_tokens.gather(1, last_reset)]
+        tokens = self.cycle[(start + steps - last_reset) % self.fillers]
+        tokens[:, 0] = BOS
         spans = min(round(self.echoes * n) // (2 * ECHO_SPAN), (n - 1) // ECHO_SPAN // 2)
         if spans:
             # each span at two distinct span-aligned places, the first showing earlier
-            places = torch.randperm((n - 1) // ECHO_SPAN, generator=g)[: 2 * spans].view(-1, 2).sort(1).values
-            at = 1 + places[..., None] * ECHO_SPAN + torch.arange(ECHO_SPAN)  # [spans, 2, ECHO_SPAN]
-            content = self.first_filler + torch.randint(fillers, (at.shape[0], 1, ECHO_SPAN), generator=g)
-            tokens[at] = content.expand_as(at)
+            places = draws.permutations(draws.ECHO_PLACES, (n - 1) // ECHO_SPAN)[:, : 2 * spans]
+            places = places.view(-1, spans, 2).sort(-1).values
+            at = 1 + places[..., None] * ECHO_SPAN + torch.arange(ECHO_SPAN)  # [samples, spans, 2, ECHO_SPAN]
+            content = self.first_filler + draws.integers(draws.ECHO_TOKENS, spans * ECHO_SPAN, self.fillers)
+            content = content.view(-1, spans, 1, ECHO_SPAN).expand_as(at)
+            tokens.scatter_(1, at.flatten(1), content.flatten(1))
         return tokens
 
     def needle(self, index: int, length: int, depth: float) -> torch.Tensor:
@@ -105,11 +157,11 @@ class SyntheticRetrieval:
         last input's label is ``v``. Its own stream of samples, apart from training and validation."""
         if length < 8:
             raise ValueError(f"a needle probe needs at least 8 tokens, got length {length}")
-        g = self._generator(index, self.NEEDLE_STREAM)
+        draws = self._draws([index], self.NEEDLE_STREAM)
         n = length + 1
-        tokens = self._filler(g, n)
-        key = FIRST_FILLER + int(torch.randint(self.keys, (1,), generator=g))
-        value = self.first_filler + int(torch.randint(self.vocab_size - self.first_filler, (1,), generator=g))
+        tokens = self._filler(draws, n)[0]
+        key = FIRST_FILLER + int(draws.integers(draws.KEYS, 1, self.keys))
+        value = self.first_filler + int(draws.integers(draws.VALUES, 1, self.fillers))
         at = 1 + round(depth * (n - 7))
         tokens[at : at + 3] = torch.tensor([KEY, key, value])
         tokens[-3:] = torch.tensor([QUERY, key, value])
@@ -132,11 +184,11 @@ class SyntheticRetrieval:
     def chance_loss(self, kind: int) -> float | None:
         """The loss of a uniform guess over the choices of a random kind (None for the learnable
         ones); for the question's value, the floor of a model that does not retrieve."""
-        fillers = self.vocab_size - self.first_filler
-        return {1: math.log(self.keys), 2: math.log(fillers), 3: math.log(self.keys), 4: math.log(fillers)}.get(kind)
+        keys, fillers = math.log(self.keys), math.log(self.fillers)
+        return {1: keys, 2: fillers, 3: keys, 4: fillers}.get(kind)
 
     def batch(self, indices: list[int], stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.stack([self.sample(i, stream) for i in indices])
+        data = self.samples(indices, stream)
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 

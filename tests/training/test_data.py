@@ -94,6 +94,24 @@ def test_synthetic_retrieval_plants_and_asks_needles():
         SyntheticRetrieval(64, 10, 0, pairs=2)
 
 
+def test_synthetic_batch_is_its_samples_and_draws_are_uniform():
+    data = SyntheticRetrieval(vocab_size=64, seq_length=300, seed=3, pairs=4)
+    batch = data.samples([9, 2, 9, 40])
+    assert torch.equal(batch[1], data.sample(2)) and torch.equal(batch[0], batch[2])  # whatever batch holds it
+    assert not torch.equal(batch[0], batch[3]) and not torch.equal(batch[1], SyntheticRetrieval(64, 300, 4, 4).sample(2))
+    tokens = data.samples(list(range(400)))
+    # the chain's noise rate and the spread of filler tokens, values and needle places
+    filler = data._filler(data._draws(list(range(400)), 0), 301)[:, 1:]
+    follows = data.position[filler[:, 1:]] == (data.position[filler[:, :-1]] + 1) % data.fillers
+    assert abs(1 - follows.float().mean().item() - 0.1 * (1 - 1 / data.fillers)) < 0.02
+    counts = torch.bincount(filler.flatten() - data.first_filler, minlength=data.fillers).double()
+    assert (counts / counts.mean() - 1).abs().max() < 0.1
+    values = tokens[:, -10::3].flatten() - data.first_filler  # the questions' values
+    assert torch.bincount(values, minlength=data.fillers).max() < 3 * len(values) / data.fillers
+    slots = (tokens[:, :-12] == KEY).nonzero()[:, 1]
+    assert torch.histc(slots.double(), bins=4, min=0, max=288).min() > 0.2 * len(slots)
+
+
 def test_synthetic_echoes_repeat_random_spans():
     from moba_megatron.training.data import ECHO_SPAN
 
@@ -102,7 +120,7 @@ def test_synthetic_echoes_repeat_random_spans():
     sample = data.sample(5)
     assert torch.equal(sample, data.sample(5)) and sample[0] == BOS and (sample[1:] != BOS).all()
     # In the filler (before the needles go in), half the tokens are spans that occur exactly twice.
-    filler = data._filler(data._generator(5, 0), 1025)
+    filler = data._filler(data._draws([5], 0), 1025)[0]
     windows = filler[1 : 1 + (1024 // ECHO_SPAN) * ECHO_SPAN].view(-1, ECHO_SPAN)
     repeated = [i for i in range(len(windows)) if sum(torch.equal(windows[i], w) for w in windows) == 2]
     assert len(repeated) * ECHO_SPAN == 512
