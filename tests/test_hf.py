@@ -232,6 +232,14 @@ def test_convert_continue_training_at_tp2_and_export(tmp_path):
     convert("mcore-to-hf", "--load", str(ckpt), "--output", str(tmp_path / "back"))
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert all(torch.equal(before[k], back[k]) for k in before)
+    # a model with RoPE on part of each head has no Llama form: refused, not written wrong
+    half = tmp_path / "half-rope.yaml"
+    half.write_text((ckpt / "moba-config.yaml").read_text() + "rotary_percent: 0.5\n")
+    refused = subprocess.run([sys.executable, "-m", "moba_megatron.tools.convert", "mcore-to-hf", "--load", str(ckpt),
+                              "--config", str(half), "--output", str(tmp_path / "half")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "rotary_percent 0.5; a Llama turns every head dim" in refused.stderr
+    assert not (tmp_path / "half").exists()
 
 
 def test_full_attention_layers_of_the_hybrid(llama):

@@ -7,7 +7,7 @@ from .specs import get_gpt_layer_with_moba_spec
 
 
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, rotary_base: float = 10000,
-                    rope_scaling: bool = False, rope_scaling_factor: float = 8.0, share_embeddings: bool = True,
+                    rotary_percent: float = 1.0, rope_scaling: bool = False, rope_scaling_factor: float = 8.0, share_embeddings: bool = True,
                     layer_spec=None):
     """``vocab_size`` is the padded vocabulary; ``layer_spec`` defaults to the MoBA layer spec
     (Transformer Engine flavour when TE imports) with ``config.normalization``."""
@@ -23,6 +23,7 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, rotary
         max_sequence_length=max_sequence_length,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
         rope_scaling_factor=rope_scaling_factor,
         share_embeddings_and_output_weights=share_embeddings,

@@ -93,6 +93,9 @@ def mcore_to_hf(args) -> None:
                              "carried by moba-pretrain into its --save folder)")
     _single_process()
     job = parse_args(["--config", str(config_path)])
+    if job.rotary_percent != 1.0:
+        raise SystemExit(f"moba-convert: error: {config_path}: rotary_percent {job.rotary_percent}; a Llama turns "
+                         "every head dim by RoPE, so this model has no Llama form (train it with rotary_percent 1)")
     job.padded_vocab_size = padded_vocab_size(job.vocab_size, None, job.make_vocab_size_divisible_by, 1)
     model = build_model(job, transformer_config(job, "cpu"), "cpu")
     iteration = checkpoint.load_weights(str(load), model)

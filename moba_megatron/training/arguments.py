@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--rotary-base", type=float, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="the fraction of each head's dims that RoPE turns (GPT-NeoX style); the rest match "
+                        "content at any distance")
     g.add_argument("--use-rope-scaling", action="store_true", help="Llama-3.x RoPE frequency scaling")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
@@ -123,6 +126,11 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     if first.config is not None:
         parser.set_defaults(**load_config(first.config, parser))
     args = parser.parse_args(argv)
+    head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
+    turned = int(head_dim * args.rotary_percent)  # as megatron-core's RotaryEmbedding takes it
+    if not 0 < args.rotary_percent <= 1 or turned == 0 or turned % 2:
+        parser.error(f"--rotary-percent {args.rotary_percent}: must be in (0, 1] and turn an even number of "
+                     f"the {head_dim} head dims")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     return args

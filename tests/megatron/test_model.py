@@ -145,3 +145,19 @@ def test_decoder_block_spec_puts_moba_in_every_layer():
     assert [a.full_attention for a in attention] == [False, True]
     hybrid = run(build_gpt(tiny_config(moba_full_attn_layers=[2]), "moba"))
     assert_same(run(model), hybrid)
+
+
+def test_rotary_percent_turns_part_of_each_head():
+    from moba_megatron.megatron.model import build_gpt_model
+    from .models import VOCAB
+
+    config = tiny_config()
+    head_dim = config.kv_channels
+    built = {}
+    for percent in (1.0, 0.5):
+        torch.manual_seed(7)
+        built[percent] = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, rotary_percent=percent)
+    assert built[0.5].rotary_pos_emb.inv_freq.numel() * 4 == head_dim  # frequencies for half the dims
+    assert built[1.0].rotary_pos_emb.inv_freq.numel() * 2 == head_dim
+    half, whole = run(built[0.5]), run(built[1.0])
+    assert torch.isfinite(half[0]).all() and (half[0] - whole[0]).abs().max() > 1e-4

@@ -188,6 +188,8 @@ def test_8_gpu_layout_matches_single_rank():
         (["--config", "configs/tiny-cpu.yaml", "--context-parallel-size", "2", "--seq-length", "384"],
          "--seq-length 384 does not split into MoBA blocks at --context-parallel-size 2"),
         (["--config", "configs/tiny-cpu.yaml", "--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
+        (["--config", "configs/tiny-cpu.yaml", "--rotary-percent", "0.3"],
+         "--rotary-percent 0.3: must be in (0, 1] and turn an even number of the 32 head dims"),
         (["--config", "configs/tiny-cpu.yaml", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
         (["--config", "configs/tiny-cpu.yaml", "--train-iters", "3"], "--lr-warmup-iters 5 must be below --train-iters 3"),
         (["--config", "configs/tiny-cpu.yaml", "--recompute-method", "block"],
