@@ -13,53 +13,68 @@
 # NOT YET A WORKING RECIPE on the 125M model (RESULTS.md, "GPU runs of 2026-12-03"): its retrieval at
 # 64 tokens was gone after the first stage at 512 (lr 5e-4 and 1e-4 alike), so every needle cell at
 # 4K-32K was 0; those bases retrieved only in part at 64 (top-1 0.4-0.5). The checks after each
-# stage (check*/token_losses.json) show where it goes.
-# On one H200 the base runs at about 90-120 ms a step, 32K at about 325 ms a step (MoBA) and 465 (full).
+# stage (check*/token_losses.json) show where it goes: even 64 -> 128 loses it (RESULTS.md, second
+# session of 2026-12-03, and why we suspect the 64-token base's fixed question place).
+# On one H200 the base runs at about 57-72 ms a step, 32K at about 325 ms a step (MoBA) and 465 (full).
 # Step counts: BASE_ITERS (2600), STAGE_ITERS (200 at each stage), LONG_ITERS (300 at 32K). CONFIG, STAGES
-# and LENGTHS (of the needle grid) change the model, the lengthening and the grid (a CPU test runs a tiny one).
+# and LENGTHS (of the needle grid) change the model, the lengthening and the grid (on CPU with CONFIG=configs/tiny-cpu.yaml).
+# PARALLEL=1 fine-tunes the variants at once on the one GPU (their step times then overlap; so far run on CPU only).
 set -euo pipefail
 out=${1:?usage: benchmarks/needle_125m.sh OUTDIR moba [full]}
 shift
 [ $# -gt 0 ] || set -- moba full
+for variant in "$@"; do
+    case $variant in moba | full) ;; *) echo "unknown variant $variant (moba or full)"; exit 2 ;; esac
+done
 source "$(dirname "$0")/../launch/env.sh"
 runs=${RUNS:-$out/checkpoints}
 mkdir -p "$out" "$runs"
 task=(--config "${CONFIG:-configs/gpt-125m-32k.yaml}" --vocab-size 64 --retrieval-pairs 8 --eval-iters 0)  # no validation loss: the needle eval measures
 log() { echo "$(date +%T) $*" | tee -a "$out/log.txt"; }
-job() {  # a one-GPU job: its progress lines into the log; a failure stops the run with its output's tail
-    local status=0
-    python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m "$@" > "$out/job.log" 2>&1 || status=$?
-    grep -E "iteration .*lm loss|saved|exiting|rror|^needle" "$out/job.log" | cut -c1-200 | tee -a "$out/log.txt" || true
-    [ "$status" = 0 ] || { tail -n 20 "$out/job.log"; exit "$status"; }
+job() {  # NAME MODULE ARGS: a one-GPU job; its progress lines into the log; a failure stops the run with its output's tail
+    local name=$1 status=0
+    shift
+    python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m "$@" > "$out/job-$name.log" 2>&1 || status=$?
+    grep -E "iteration .*lm loss|saved|exiting|rror|^needle" "$out/job-$name.log" | cut -c1-200 | sed "s/^/$name: /" \
+        | tee -a "$out/log.txt" || true
+    [ "$status" = 0 ] || { tail -n 20 "$out/job-$name.log"; exit "$status"; }
 }
 
 check() {  # LENGTH CHECKPOINT: the loss by kind of token at that length and one needle cell, to see where retrieval goes
     local samples=$((16384 / $1)); samples=$((samples > 32 ? 32 : samples < 2 ? 2 : samples))
-    job moba_megatron.eval.needle "${task[@]}" --moba-disable --load "$runs/$2" --seq-length "$1" --token-losses "$samples" \
+    job "check$1" moba_megatron.eval.needle "${task[@]}" --moba-disable --load "$runs/$2" --seq-length "$1" --token-losses "$samples" \
         --lengths "$1" --depths 0.5 --samples 4 --out "$out/check$1"
 }
 
 log "base: 64 tokens, 256 sequences a step, full attention"
-job moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 --moba-disable \
+job base moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 --moba-disable \
     --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2600}" --log-interval 200 --save "$runs/s64"
 check 64 s64
 previous=s64
 for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step (one MoBA block: full attention is the same)
     length=${stage%:*} micro=${stage#*:}
     log "$length tokens"
-    job moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" --moba-disable \
+    job "s$length" moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" --moba-disable \
         --seq-length "$length" --micro-batch-size "$micro" --global-batch-size "$micro" \
         --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-200}" --log-interval 50
     check "$length" "s$length"
     previous=s$length
 done
-for variant in "$@"; do
-    case $variant in moba) flags=() ;; full) flags=(--moba-disable) ;; *) echo "unknown variant $variant (moba or full)"; exit 2 ;; esac
-    log "$variant at the config's length"
-    job moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$previous" --finetune --save "$runs/$variant" \
+long() {  # VARIANT: fine-tune at the config's length, then the needle grid
+    local flags=()
+    [ "$1" = full ] && flags=(--moba-disable)
+    log "$1 at the config's length"
+    job "$1" moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$previous" --finetune --save "$runs/$1" \
         --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 --lr-warmup-iters 10 \
         --train-iters "${LONG_ITERS:-300}" --log-interval 20
-    job moba_megatron.eval.needle "${task[@]}" "${flags[@]}" --load "$runs/$variant" --token-losses 2 \
-        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples 6 --out "$out/$variant"
-done
+    job "$1-eval" moba_megatron.eval.needle "${task[@]}" "${flags[@]}" --load "$runs/$1" --token-losses 2 \
+        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples 6 --out "$out/$1"
+}
+if [ "${PARALLEL:-0}" = 1 ]; then  # the variants side by side on the one GPU: less wall time, their step times shared
+    pids=()
+    for variant in "$@"; do long "$variant" & pids+=($!); done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+else
+    for variant in "$@"; do long "$variant"; done
+fi
 log done
