@@ -7,8 +7,8 @@ from .specs import get_gpt_layer_with_moba_spec
 
 
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, rotary_base: float = 10000,
-                    rotary_percent: float = 1.0, rope_scaling: bool = False, rope_scaling_factor: float = 8.0, share_embeddings: bool = True,
-                    layer_spec=None):
+                    rotary_percent: float = 1.0, rope_scaling: bool = False, rope_scaling_factor: float = 8.0,
+                    share_embeddings: bool = True, layer_spec=None):
     """``vocab_size`` is the padded vocabulary; ``layer_spec`` defaults to the MoBA layer spec
     (Transformer Engine flavour when TE imports) with ``config.normalization``."""
     from megatron.core import parallel_state

@@ -116,8 +116,9 @@ class SyntheticRetrieval:
         needles = torch.stack([torch.full_like(keys, KEY), keys, values], -1)  # [samples, pairs, 3]
         tokens.scatter_(1, (slots[..., None] + torch.arange(3)).flatten(1), needles.flatten(1))
         asked = draws.permutations(draws.ASKED, pairs)
-        tokens[:, n - 3 * pairs :] = needles.gather(1, asked[..., None].expand(-1, -1, 3)).flatten(1)
-        tokens[:, n - 3 * pairs :: 3] = QUERY
+        questions = needles.gather(1, asked[..., None].expand(-1, -1, 3))  # the needles in another order
+        questions[..., 0] = QUERY
+        tokens[:, n - 3 * pairs :] = questions.flatten(1)
         return tokens
 
     def sample(self, index: int, stream: int = 0) -> torch.Tensor:

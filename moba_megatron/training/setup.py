@@ -161,7 +161,8 @@ def build_model(args, config, device: str):
         spec = sequence_parallel_block(spec, config.num_layers)
     model = build_gpt_model(
         config, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-        rotary_base=args.rotary_base, rotary_percent=args.rotary_percent, rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+        rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
+        rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
         share_embeddings=not args.untie_embeddings_and_output_weights, layer_spec=spec,
     )
     model = model.to(device)
