@@ -78,6 +78,9 @@ def main(argv=None) -> None:
             carry_model_files(args.load, args.save)  # the model's config and tokenizer travel with it
         if args.load and (args.finetune or checkpoint.holds_weights_only(args.load)):
             loaded = checkpoint.load_weights(args.load, model)
+            # bf16: the optimizer's fp32 main weights were copied from the initialization when it was
+            # built; without this its first step writes the initialization back over what was loaded.
+            optimizer.reload_model_params()
             log(f"loaded the weights of {args.load} (iteration {loaded}); training from iteration 0 "
                 "with a fresh optimizer and schedule")
         elif args.load:

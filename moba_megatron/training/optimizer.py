@@ -41,6 +41,10 @@ class CpuAdamW:
         # torch's load_state_dict replaces the list: always hand out the live one (the LR schedule writes it)
         return self.optimizer.param_groups
 
+    def reload_model_params(self):
+        """Nothing to refresh: this optimizer steps the model's own parameters (megatron-core's bf16
+        optimizers keep fp32 copies, which ``--finetune`` must refresh after loading)."""
+
     def zero_grad(self):
         for p in self.params:
             p.grad = None
