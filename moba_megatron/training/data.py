@@ -52,7 +52,7 @@ class _Draws:
     sample cost about 0.4 ms, which bounded short-sequence training), and a sample does not depend on
     the batch it is drawn in."""
 
-    NOISE, RESTART, ECHO_PLACES, ECHO_TOKENS, KEYS, VALUES, SLOTS, ASKED = range(1, 9)
+    NOISE, RESTART, ECHO_PLACES, ECHO_TOKENS, KEYS, VALUES, SLOTS, ASKED, QUESTIONS = range(1, 10)
 
     def __init__(self, seeds: torch.Tensor):
         self.seeds = _mix32(seeds.long() & MASK32)[:, None]
@@ -77,7 +77,9 @@ class _Draws:
 class SyntheticRetrieval:
     """Tokens: ``BOS``, ``KEY``, ``QUERY``, then the needle keys (an eighth of the rest, at least
     ``pairs``), then the filler. Keys occur nowhere but in needles and questions, so the question's key
-    matches the needle alone; values are filler tokens."""
+    matches the needle alone; values are filler tokens. A sample is the filler (a noisy bigram chain)
+    holding ``pairs`` needles ``KEY k v``, then a block of questions ``QUERY k v`` asking each once, in
+    another order; the block sits anywhere after the needles, with filler after it."""
 
     NEEDLE_STREAM = 2
 
@@ -111,14 +113,23 @@ class SyntheticRetrieval:
         tokens = self._filler(draws, n)
         keys = FIRST_FILLER + draws.permutations(draws.KEYS, self.keys)[:, :pairs]
         values = self.first_filler + draws.integers(draws.VALUES, pairs, self.fillers)
-        # each needle in its own slot of three tokens, anywhere before the questions
-        slots = 1 + 3 * draws.permutations(draws.SLOTS, (n - 3 * pairs - 1) // 3)[:, :pairs]
+        # The questions start anywhere in [1 + 3 * pairs, n - 3 * pairs], filler after them: where
+        # they sit says nothing about the sequence's length, so a model trained short meets no
+        # surprise where a longer sequence goes on (with the questions always last, it learnt their
+        # place and lost retrieval at the first lengthening; benchmarks/RESULTS.md).
+        asked_at = 1 + 3 * pairs + draws.integers(draws.QUESTIONS, 1, n - 6 * pairs)  # [samples, 1]
+        # each needle in its own slot of three tokens, anywhere before the questions: the pairs
+        # smallest of random ranks, slots past the questions ranked last
+        room = (asked_at - 1) // 3
+        ranks = draws.uniform(draws.SLOTS, (n - 3 * pairs - 1) // 3)
+        ranks[torch.arange(ranks.shape[1]) >= room] = 2.0
+        slots = 1 + 3 * ranks.argsort(dim=1, stable=True)[:, :pairs]
         needles = torch.stack([torch.full_like(keys, KEY), keys, values], -1)  # [samples, pairs, 3]
         tokens.scatter_(1, (slots[..., None] + torch.arange(3)).flatten(1), needles.flatten(1))
         asked = draws.permutations(draws.ASKED, pairs)
         questions = needles.gather(1, asked[..., None].expand(-1, -1, 3))  # the needles in another order
         questions[..., 0] = QUERY
-        tokens[:, n - 3 * pairs :] = questions.flatten(1)
+        tokens.scatter_(1, asked_at + torch.arange(3 * pairs), questions.flatten(1))
         return tokens
 
     def sample(self, index: int, stream: int = 0) -> torch.Tensor:

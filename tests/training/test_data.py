@@ -71,18 +71,28 @@ def test_indexed_samples_splits_and_missing_paths(tmp_path):
         IndexedGPTData([str(tmp_path / "nope")], tok, 32, 1, 10)
 
 
+def questions_at(sample: torch.Tensor, pairs: int) -> int:
+    """Where a sample's block of ``pairs`` questions starts (checking that it is one block)."""
+    start = int((sample == QUERY).nonzero()[0])
+    assert torch.equal((sample == QUERY).nonzero().flatten(), torch.arange(start, start + 3 * pairs, 3))
+    return start
+
+
 def test_synthetic_retrieval_plants_and_asks_needles():
     data = SyntheticRetrieval(vocab_size=64, seq_length=200, seed=3, pairs=2)
     sample = data.sample(5)
     assert sample.shape == (201,) and torch.equal(sample, data.sample(5))  # a pure function of the index
-    planted = (sample[:-6] == KEY).nonzero().flatten().tolist()
+    at = questions_at(sample, 2)
+    planted = (sample[:at] == KEY).nonzero().flatten().tolist()
     needles = {(int(sample[p + 1]), int(sample[p + 2])) for p in planted}
-    asked = sample[-6:].view(2, 3)
-    assert (asked[:, 0] == QUERY).all() and len(needles) == 2  # every needle planted once and asked once
-    assert {(int(k), int(v)) for k, v in asked[:, 1:]} == needles
-    assert not (sample[:-6] == QUERY).any()
-    # needles anywhere before the questions, so training meets every distance the eval asks about
-    places = torch.cat([(data.sample(i)[:-6] == KEY).nonzero().flatten() for i in range(40)])
+    asked = sample[at : at + 6].view(2, 3)
+    assert len(needles) == 2 and {(int(k), int(v)) for k, v in asked[:, 1:]} == needles  # each planted, each asked
+    assert not (sample[at + 6 :] <= QUERY).any()  # filler after the questions
+    # The questions end anywhere (filler after them), the needles anywhere before them: training
+    # meets every distance the eval asks about, and no place says where the sequence ends.
+    starts = torch.tensor([questions_at(data.sample(i), 2) for i in range(200)])
+    assert starts.min() <= 15 and starts.max() >= 185 and starts.unique().numel() > 100
+    places = torch.cat([(data.sample(i) == KEY).nonzero().flatten() for i in range(40)])
     assert places.min() < 20 and places.max() > 170
     for key, _ in needles:  # a key occurs in its needle and its question, nowhere in the filler
         assert (sample == key).sum() == 2
@@ -106,10 +116,16 @@ def test_synthetic_batch_is_its_samples_and_draws_are_uniform():
     assert abs(1 - follows.float().mean().item() - 0.1 * (1 - 1 / data.fillers)) < 0.02
     counts = torch.bincount(filler.flatten() - data.first_filler, minlength=data.fillers).double()
     assert (counts / counts.mean() - 1).abs().max() < 0.1
-    values = tokens[:, -10::3].flatten() - data.first_filler  # the questions' values
+    asked = (tokens == QUERY).nonzero()[:, 1].view(-1, 4)
+    values = tokens.gather(1, asked + 2).flatten() - data.first_filler  # the questions' values
     assert torch.bincount(values, minlength=data.fillers).max() < 3 * len(values) / data.fillers
-    slots = (tokens[:, :-12] == KEY).nonzero()[:, 1]
-    assert torch.histc(slots.double(), bins=4, min=0, max=288).min() > 0.2 * len(slots)
+    # the question block starts uniformly over [1 + 12, 301 - 12]
+    starts = asked[:, 0].double()
+    assert torch.histc(starts, bins=4, min=13, max=290).min() > 0.18 * len(starts)
+    # each needle uniformly over the slots before its questions
+    slots = (tokens == KEY).nonzero()
+    share = slots[:, 1].double() / starts[slots[:, 0]]
+    assert torch.histc(share, bins=4, min=0, max=1).min() > 0.2 * len(share)
 
 
 def test_synthetic_echoes_repeat_random_spans():
@@ -139,9 +155,10 @@ def test_synthetic_label_kinds_name_each_label():
     kinds = data.label_kinds(sample)
     labels = sample[1:]
     names = [data.KINDS[k] for k in kinds.tolist()]
-    assert names[-6:] == ["markers", "question key", "question value"] * 2  # the labels of the questions
+    at = questions_at(sample, 2)
+    assert names[at - 1 : at + 5] == ["markers", "question key", "question value"] * 2  # the labels of the questions
     assert names.count("needle key") == names.count("needle value") == 2
-    planted = (sample[:-6] == KEY).nonzero().flatten()
+    planted = (sample == KEY).nonzero().flatten()
     assert sorted((kinds == 1).nonzero().flatten().tolist()) == planted.tolist()  # the label after KEY
     assert torch.equal(labels[kinds == 2].sort().values, sample[planted + 2].sort().values)
     assert torch.equal(labels[kinds == 4].sort().values, labels[kinds == 2].sort().values)  # asked = planted
