@@ -3,27 +3,31 @@
 # retrieval at 32K, then the needle grid for MoBA (the config: 2048 / 3, layer 12 full) and/or full
 # attention, each fine-tuned at 32K from one shared base.
 #
-#   benchmarks/needle_125m.sh OUTDIR moba [full]
+#   benchmarks/needle_125m.sh OUTDIR moba [full] [moba:CHUNK:TOPK ...]
 #
+# moba is the config's MoBA; moba:512:8 the same model fine-tuned and evaluated with --moba-chunk-size 512
+# --moba-topk 8 (results in OUTDIR/moba-512-8); full is --moba-disable.
 # Why the stages (benchmarks/RESULTS.md, "GPU runs of the fourth session"): the models here formed an
 # induction head (the loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8
 # needles, vocabulary 64, after 500-2000 steps of the 125M config; with vocabulary 2048, not in 3200.
 # A small CPU model regained retrieval within 150-300 steps after each 4-8x lengthening. The vocabulary
 # fixes the key range (the task takes max(pairs, (vocab - 3) // 8) keys), so every stage keeps 8 needles.
-# NOT YET RUN WITH THE --finetune FIX: every GPU run before it lost retrieval at the first stage, but
-# each stage then trained from the initialization (bf16's fp32 main weights were not refreshed from
-# the loaded ones; benchmarks/RESULTS.md, third session of 2026-12-03), so those runs say nothing
-# about lengthening. CHECKS=0 skips the check after each stage (about 20 s each).
-# On one H200 the base runs at about 57-72 ms a step, 32K at about 325 ms a step (MoBA) and 465 (full).
-# Step counts: BASE_ITERS (2600), STAGE_ITERS (200 at each stage), LONG_ITERS (300 at 32K). CONFIG, STAGES
+# Run on one H200 (benchmarks/RESULTS.md, fourth session of 2026-12-03) as
+#   CHECKS=0 PARALLEL=1 BASE_ITERS=2000 STAGE_ITERS=300 LONG_ITERS=200 benchmarks/needle_125m.sh OUT moba full
+# in 8.5 minutes: full attention retrieved in every cell up to 32K, MoBA 2048/3 lost the needles in the
+# middle from 8K on. (Runs before the --finetune fix of the third session trained each stage from the
+# initialization and lost retrieval at the first stage.) CHECKS=0 skips the check after each stage
+# (about 20 s each). On one H200 the base runs at about 62-87 ms a step; at 32K MoBA and full side by
+# side at about 710 and 1000 ms a step (full alone 477).
+# Step counts: BASE_ITERS (2000), STAGE_ITERS (300 at each stage), LONG_ITERS (200 at 32K). CONFIG, STAGES
 # and LENGTHS (of the needle grid) change the model, the lengthening and the grid (on CPU with CONFIG=configs/tiny-cpu.yaml).
-# PARALLEL=1 fine-tunes the variants at once on the one GPU (their step times then overlap; so far run on CPU only).
+# PARALLEL=1 fine-tunes the variants at once on the one GPU (their step times then overlap).
 set -euo pipefail
-out=${1:?usage: benchmarks/needle_125m.sh OUTDIR moba [full]}
+out=${1:?usage: benchmarks/needle_125m.sh OUTDIR moba [full] [moba:CHUNK:TOPK ...]}
 shift
 [ $# -gt 0 ] || set -- moba full
 for variant in "$@"; do
-    case $variant in moba | full) ;; *) echo "unknown variant $variant (moba or full)"; exit 2 ;; esac
+    [[ $variant =~ ^(moba|full|moba:[0-9]+:[0-9]+)$ ]] || { echo "unknown variant $variant (moba, full or moba:CHUNK:TOPK)"; exit 2; }
 done
 source "$(dirname "$0")/../launch/env.sh"
 runs=${RUNS:-$out/checkpoints}
@@ -48,7 +52,7 @@ check() {  # LENGTH CHECKPOINT: the loss by kind of token at that length and one
 
 log "base: 64 tokens, 256 sequences a step, full attention"
 job base moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 --moba-disable \
-    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2600}" --log-interval 200 --save "$runs/s64"
+    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2000}" --log-interval 200 --save "$runs/s64"
 check 64 s64
 previous=s64
 for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step (one MoBA block: full attention is the same)
@@ -56,19 +60,22 @@ for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step
     log "$length tokens"
     job "s$length" moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" --moba-disable \
         --seq-length "$length" --micro-batch-size "$micro" --global-batch-size "$micro" \
-        --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-200}" --log-interval 50
+        --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-300}" --log-interval 50
     check "$length" "s$length"
     previous=s$length
 done
 long() {  # VARIANT: fine-tune at the config's length, then the needle grid
-    local flags=()
-    [ "$1" = full ] && flags=(--moba-disable)
-    log "$1 at the config's length"
-    job "$1" moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$previous" --finetune --save "$runs/$1" \
+    local name=$1 flags=() chunk topk
+    case $1 in
+        full) flags=(--moba-disable) ;;
+        moba:*) IFS=: read -r _ chunk topk <<< "$1"; name=moba-$chunk-$topk; flags=(--moba-chunk-size "$chunk" --moba-topk "$topk") ;;
+    esac
+    log "$name at the config's length"
+    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$previous" --finetune --save "$runs/$name" \
         --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 --lr-warmup-iters 10 \
-        --train-iters "${LONG_ITERS:-300}" --log-interval 20
-    job "$1-eval" moba_megatron.eval.needle "${task[@]}" "${flags[@]}" --load "$runs/$1" --token-losses 2 \
-        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples 6 --out "$out/$1"
+        --train-iters "${LONG_ITERS:-200}" --log-interval 20
+    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "${flags[@]}" --load "$runs/$name" --token-losses 2 \
+        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples 6 --out "$out/$name"
 }
 if [ "${PARALLEL:-0}" = 1 ]; then  # the variants side by side on the one GPU: less wall time, their step times shared
     pids=()
