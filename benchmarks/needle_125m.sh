@@ -7,7 +7,7 @@
 #
 # moba is the config's MoBA; moba:512:8 the same model fine-tuned and evaluated with --moba-chunk-size 512
 # --moba-topk 8 (results in OUTDIR/moba-512-8); full is --moba-disable.
-# Why the stages (benchmarks/RESULTS.md, "GPU runs of the fourth session"): the models here formed an
+# Why the stages (benchmarks/RESULTS.md, "GPU runs of the fourth session of 2026-12-02"): the models formed an
 # induction head (the loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8
 # needles, vocabulary 64, after 500-2000 steps of the 125M config; with vocabulary 2048, not in 3200.
 # A small CPU model regained retrieval within 150-300 steps after each 4-8x lengthening. The vocabulary
