@@ -31,11 +31,68 @@ def test_padded_tiles_match_reference(monkeypatch, width, group):
 
 @pytest.mark.parametrize("group", [1, 2])
 def test_padded_tiles_in_head_groups(monkeypatch, group):
-    """One head per group: later groups' kv heads start past block 0, and every call is padded to a
-    power of two with empty tiles, which must stay inside the group's blocks."""
+    """One head per group: later groups' kv heads start past block 0, and each group's tiles are
+    split into calls of 4, 2 and 1 tiles, which must stay inside the group's blocks."""
     from moba_megatron.ops.moba import routing
 
     monkeypatch.setitem(BACKENDS, "padded_torch", PaddedTorch(4))
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
-    monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 6 * (4 + 2 * 5) * 8)  # calls of 4 tiles, the last padded
+    monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 6 * (4 + 2 * 5) * 8)  # calls of at most 4 tiles
     check_padded(group, seed=group)
+
+
+def call_cost(calls, chunk, sms=132):
+    """Time of tile calls [(tiles, width)] under routing.plan_calls's model."""
+    from moba_megatron.ops.moba import routing
+
+    fill = sms * routing.KEYS_PER_CTA / chunk
+    return sum(max(n, fill) * width * chunk + routing.CALL_OVERHEAD for n, width in calls)
+
+
+@pytest.mark.parametrize("tile_width", [16384, 8192, 100])
+def test_pack_tiles_covers_each_row_once_in_cheap_calls(tile_width):
+    """Run sizes as at 128K / 4096 / 12 (0 to ~90K rows): every row lands in exactly one tile; each
+    call holds a power-of-two number of tiles within the budget, padded to its widest, with empty
+    tiles in the last call only; the plan costs no more than calls of 32 tiles padded to the widest
+    (the earlier packing: 27% extra rows there) or calls of one width class each (GPU left idle)."""
+    from moba_megatron.ops.moba import routing
+
+    chunk = 4096
+    sizes = torch.randint(0, 90000, (256,), generator=torch.Generator().manual_seed(tile_width)).tolist()
+    sizes[:3] = [0, 1, tile_width]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    runs = [(starts[i], n, i % 32) for i, n in enumerate(sizes)]
+    pieces = routing.pack_tiles(iter(runs), tile_width, chunk, 128, "cpu")
+    covered = torch.zeros(starts[-1], dtype=torch.int64)
+    for i, piece in enumerate(pieces):
+        rows, row0 = piece.tile_rows.tolist(), piece.tile_row0.tolist()
+        most = max(1, routing.PIECE_BUDGET_ELEMENTS // ((piece.width + 2 * chunk) * 128))
+        assert piece.num_tiles & (piece.num_tiles - 1) == 0 and piece.num_tiles <= most, (piece.num_tiles, most)
+        assert piece.width == routing.padded_width(max(rows), tile_width)
+        assert piece.max_rows == max(rows) and piece.num_rows == sum(rows)
+        assert min(rows) > 0 or i == len(pieces) - 1, "empty tiles before the last call"
+        for r0, n in zip(row0, rows):
+            covered[r0 : r0 + n] += 1
+        sorted_rows, valid = piece.slots()
+        assert sorted_rows.numel() == piece.width * piece.num_tiles and int(valid.sum()) == piece.num_rows
+    assert bool((covered == 1).all())
+    plan = call_cost([(p.num_tiles, p.width) for p in pieces], chunk)
+    tiles = sorted((min(tile_width, n - r0) for n in sizes for r0 in range(0, n, tile_width)), reverse=True)
+    most = max(1, routing.PIECE_BUDGET_ELEMENTS // ((tile_width + 2 * chunk) * 128))
+    most = 1 << (most.bit_length() - 1)
+    padded = [(most, routing.padded_width(tiles[i], tile_width)) for i in range(0, len(tiles), most)]
+    by_width = {}
+    for n in tiles:
+        by_width[routing.padded_width(n, tile_width)] = by_width.get(routing.padded_width(n, tile_width), 0) + 1
+    classes = []  # each width class in calls of the budget, then its remainder's binary digits
+    for width, count in by_width.items():
+        cap = max(1, routing.PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * 128))
+        cap = 1 << (cap.bit_length() - 1)
+        classes += [(cap, width)] * (count // cap)
+        classes += [(1 << b, width) for b in range(cap.bit_length()) if count % cap >> b & 1]
+    assert plan <= call_cost(padded, chunk) and plan <= call_cost(classes, chunk), (
+        plan, call_cost(padded, chunk), call_cost(classes, chunk))
+    if tile_width >= 8192:  # (tiles of 100 rows are mostly call overhead)
+        assert plan < 1.15 * sum(tiles) * chunk, plan / (sum(tiles) * chunk)

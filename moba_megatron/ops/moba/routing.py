@@ -14,18 +14,21 @@ group's rows are one contiguous span of the sorted rows.
 For the backends whose kernels take tiles (``pieces``): runs are cut into *tiles*, each attending one
 full block of C keys, and tiles are packed into *pieces*, one kernel call each, sized to a memory
 budget. That needs the run sizes on the host, copied without blocking when the runs are built.
-Fixed-shape kernels (``tile_width``) get every tile padded to that width and every call padded to
-a power-of-two number of tiles, so a handful of shapes covers every step of a training run.
+Fixed-shape kernels (``tile_width``) get every tile padded to one of a few widths and calls of a
+power-of-two number of tiles, so a handful of shapes covers every step of a training run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
+KEYS_PER_CTA = 128  # keys of a tile one CTA of cuDNN's backward takes (see plan_calls)
+CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs, in row x key products (~40 us on an H200)
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
 
 
@@ -45,7 +48,7 @@ class Piece:
     max_rows: int
     num_rows: int  # real rows over all tiles
     tile_row0: torch.Tensor  # [tiles] int64, first sorted row of each tile
-    tile_rows: torch.Tensor  # [tiles] int64, rows in each tile (0: a padding tile)
+    tile_rows: torch.Tensor  # [tiles] int64, rows in each tile (0: an empty tile)
     tile_block: torch.Tensor  # [tiles] int64, kv_head * num_blocks + block: the tile's keys
 
     @property
@@ -119,10 +122,12 @@ class Routes:
         if key not in self._pieces:
             start = self.host_run_start()
             device = self.run_start.device
+            # On CPU an H200's 132: the tests see the plans the GPU gets.
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
             self._pieces[key] = [
                 pack_tiles(
                     ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in range(g.run0, g.run1)),
-                    tile_width, chunk, head_dim, device,
+                    tile_width, chunk, head_dim, device, sms,
                 )
                 for g in self.groups
             ]
@@ -175,19 +180,57 @@ def padded_width(rows: int, tile_width: int) -> int:
     return min(width, tile_width)
 
 
-def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device) -> list[Piece]:
+def plan_calls(rows: list[int], tile_width: int, chunk: int, head_dim: int, sms: int) -> list[int]:
+    """How many tiles each call takes, in order, from tiles of ``rows`` rows sorted widest first.
+
+    A call of n tiles (a power of two, at most the budget) is padded to the width of its first
+    tile. cuDNN's backward runs one CTA per 128 keys of each tile (H200 profile, RESULTS.md), so a
+    call takes about as long as one of ``sms * 128 / chunk`` tiles until it has that many; every
+    call also costs ``CALL_OVERHEAD``. The cheapest plan under that model, by dynamic programming
+    over the sorted tiles (taking more of them into a call never makes the rest dearer)."""
+    m = len(rows)
+    if m == 0:
+        return []
+    fill = sms * KEYS_PER_CTA / chunk
+    # Full calls of the widest tiles while two more remain (most tiles at long lengths): no plan
+    # pays less for them, and the search below stays short.
+    widest = padded_width(rows[0], tile_width)
+    call = max(1, PIECE_BUDGET_ELEMENTS // ((widest + 2 * chunk) * head_dim))
+    call = 1 << (call.bit_length() - 1)
+    lead = 0
+    while call >= fill and lead + 2 * call <= m and padded_width(rows[lead + 2 * call - 1], tile_width) == widest:
+        lead += call
+    best, take = [0.0] * (m + 1), [1] * m
+    for i in range(m - 1, lead - 1, -1):
+        width = padded_width(rows[i], tile_width)
+        most = max(1, PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * head_dim))
+        best[i] = math.inf
+        for n in (1 << b for b in range(most.bit_length())):
+            cost = max(n, fill) * width * chunk + CALL_OVERHEAD + best[min(m, i + n)]
+            if cost < best[i]:
+                best[i], take[i] = cost, n
+    plan, i = [call] * (lead // call), lead
+    while i < m:
+        plan.append(take[i])
+        i += take[i]
+    return plan
+
+
+def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device, sms: int = 132) -> list[Piece]:
     """Cut runs of sorted rows into tiles and pack the tiles into pieces.
 
     ``runs`` yields ``(first sorted row, rows, kv block)``. ``tile_width=None`` makes one unpadded
     tile per run and packs tiles greedily to the budget, for varlen kernels. An int cuts tiles of at
-    most that many rows; tiles go widest first into pieces of a power-of-two number of tiles, each
-    padded to ``padded_width`` of its piece's widest tile (padding tiles have no rows), so
-    fixed-shape kernels see a bounded set of shapes and little padding."""
+    most that many rows, sorts them widest first and packs them into calls of a power-of-two number
+    of tiles, each padded to ``padded_width`` of its widest, as ``plan_calls`` finds cheapest on a GPU
+    of ``sms`` multiprocessors; only the last call may hold empty tiles. Fixed-shape kernels thus see
+    a bounded set of shapes. (Padding every call to 32 tiles cost 27% extra rows at 128K / 4096 /
+    12; calls of one width class each, 3%, but left the GPU a quarter idle in calls of one tile.)"""
     tiles = []  # (first row, rows, kv block)
     for row0, n, block in runs:
         step = tile_width or max(n, 1)
         tiles += [(row0 + r0, min(step, n - r0), block) for r0 in range(0, n, step)]
-    spans = []  # (width, tiles, padding tiles)
+    spans = []  # (width, tiles, empty tiles)
     if tile_width is None:
         start, cost = 0, 0
         for i, (_, n, _) in enumerate(tiles):
@@ -201,17 +244,15 @@ def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device) 
     else:
         tiles.sort(key=lambda tile: -tile[1])
         start = 0
-        while start < len(tiles):
-            width = padded_width(tiles[start][1], tile_width)
-            most = max(1, PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * head_dim))
-            part = tiles[start : start + (1 << (most.bit_length() - 1))]
-            spans.append((width, part, (1 << (len(part) - 1).bit_length()) - len(part)))
-            start += len(part)
+        for n in plan_calls([tile[1] for tile in tiles], tile_width, chunk, head_dim, sms):
+            part = tiles[start : start + n]
+            spans.append((padded_width(part[0][1], tile_width), part, n - len(part)))
+            start += n
     table, offsets = [], []
-    for _, part, pad in spans:
-        offsets.append((len(table), len(table) + len(part) + pad))
-        row0, _, block = part[-1]  # padding tiles: no rows, the last real tile's row and keys
-        table += part + [(row0, 0, block)] * pad
+    for _, part, empty in spans:
+        offsets.append((len(table), len(table) + len(part) + empty))
+        row0, _, block = part[-1]  # empty tiles: no rows, the last real tile's row and keys
+        table += part + [(row0, 0, block)] * empty
     if not table:
         return []
     # One host-to-device copy for every tile table.
