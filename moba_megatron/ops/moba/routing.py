@@ -27,7 +27,7 @@ import torch
 
 
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
-KEYS_PER_CTA = 128  # keys of a tile one CTA of cuDNN's backward takes (see plan_calls)
+KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times fit (see plan_calls)
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs, in row x key products (~40 us on an H200)
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
 
@@ -184,8 +184,8 @@ def plan_calls(rows: list[int], tile_width: int, chunk: int, head_dim: int, sms:
     """How many tiles each call takes, in order, from tiles of ``rows`` rows sorted widest first.
 
     A call of n tiles (a power of two, at most the budget) is padded to the width of its first
-    tile. cuDNN's backward runs one CTA per 128 keys of each tile (H200 profile, RESULTS.md), so a
-    call takes about as long as one of ``sms * 128 / chunk`` tiles until it has that many; every
+    tile. cuDNN's backward times fit one CTA per 128 keys of each tile (H200 profiles, RESULTS.md):
+    a call takes about as long as one of ``sms * 128 / chunk`` tiles until it has that many. Every
     call also costs ``CALL_OVERHEAD``. The cheapest plan under that model, by dynamic programming
     over the sorted tiles (taking more of them into a call never makes the rest dearer)."""
     m = len(rows)
