@@ -2,6 +2,8 @@
 
 Small tile widths force blocks to be cut into several tiles with padded last tiles."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -79,17 +81,18 @@ def test_pack_tiles_covers_each_row_once_in_cheap_calls(tile_width):
         assert sorted_rows.numel() == piece.width * piece.num_tiles and int(valid.sum()) == piece.num_rows
     assert bool((covered == 1).all())
     plan = call_cost([(p.num_tiles, p.width) for p in pieces], chunk)
+
+    def budget(width):  # the most tiles of this width a call may hold, a power of two
+        most = max(1, routing.PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * 128))
+        return 1 << (most.bit_length() - 1)
+
     tiles = sorted((min(tile_width, n - r0) for n in sizes for r0 in range(0, n, tile_width)), reverse=True)
-    most = max(1, routing.PIECE_BUDGET_ELEMENTS // ((tile_width + 2 * chunk) * 128))
-    most = 1 << (most.bit_length() - 1)
-    padded = [(most, routing.padded_width(tiles[i], tile_width)) for i in range(0, len(tiles), most)]
-    by_width = {}
-    for n in tiles:
-        by_width[routing.padded_width(n, tile_width)] = by_width.get(routing.padded_width(n, tile_width), 0) + 1
+    widths = [routing.padded_width(n, tile_width) for n in tiles]
+    most = budget(tile_width)
+    padded = [(most, widths[i]) for i in range(0, len(tiles), most)]
     classes = []  # each width class in calls of the budget, then its remainder's binary digits
-    for width, count in by_width.items():
-        cap = max(1, routing.PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * 128))
-        cap = 1 << (cap.bit_length() - 1)
+    for width, count in Counter(widths).items():
+        cap = budget(width)
         classes += [(cap, width)] * (count // cap)
         classes += [(1 << b, width) for b in range(cap.bit_length()) if count % cap >> b & 1]
     assert plan <= call_cost(padded, chunk) and plan <= call_cost(classes, chunk), (
