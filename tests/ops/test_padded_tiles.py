@@ -43,11 +43,11 @@ def test_padded_tiles_in_head_groups(monkeypatch, group):
     check_padded(group, seed=group)
 
 
-def call_cost(calls, chunk, sms=132):
+def call_cost(calls, chunk):
     """Time of tile calls [(tiles, width)] under routing.plan_calls's model."""
     from moba_megatron.ops.moba import routing
 
-    fill = sms * routing.KEYS_PER_CTA / chunk
+    fill = routing.MODEL_SMS * routing.KEYS_PER_CTA / chunk
     return sum(max(n, fill) * width * chunk + routing.CALL_OVERHEAD for n, width in calls)
 
 
@@ -70,7 +70,7 @@ def test_pack_tiles_covers_each_row_once_in_cheap_calls(tile_width):
     covered = torch.zeros(starts[-1], dtype=torch.int64)
     for i, piece in enumerate(pieces):
         rows, row0 = piece.tile_rows.tolist(), piece.tile_row0.tolist()
-        most = max(1, routing.PIECE_BUDGET_ELEMENTS // ((piece.width + 2 * chunk) * 128))
+        most = routing.call_budget(piece.width, chunk, 128)
         assert piece.num_tiles & (piece.num_tiles - 1) == 0 and piece.num_tiles <= most, (piece.num_tiles, most)
         assert piece.width == routing.padded_width(max(rows), tile_width)
         assert piece.max_rows == max(rows) and piece.num_rows == sum(rows)
@@ -82,17 +82,13 @@ def test_pack_tiles_covers_each_row_once_in_cheap_calls(tile_width):
     assert bool((covered == 1).all())
     plan = call_cost([(p.num_tiles, p.width) for p in pieces], chunk)
 
-    def budget(width):  # the most tiles of this width a call may hold, a power of two
-        most = max(1, routing.PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * 128))
-        return 1 << (most.bit_length() - 1)
-
     tiles = sorted((min(tile_width, n - r0) for n in sizes for r0 in range(0, n, tile_width)), reverse=True)
     widths = [routing.padded_width(n, tile_width) for n in tiles]
-    most = budget(tile_width)
+    most = routing.call_budget(tile_width, chunk, 128)
     padded = [(most, widths[i]) for i in range(0, len(tiles), most)]
     classes = []  # each width class in calls of the budget, then its remainder's binary digits
     for width, count in Counter(widths).items():
-        cap = budget(width)
+        cap = routing.call_budget(width, chunk, 128)
         classes += [(cap, width)] * (count // cap)
         classes += [(1 << b, width) for b in range(cap.bit_length()) if count % cap >> b & 1]
     assert plan <= call_cost(padded, chunk) and plan <= call_cost(classes, chunk), (

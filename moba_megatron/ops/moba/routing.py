@@ -29,6 +29,7 @@ import torch
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
 KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times fit (see plan_calls)
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs, in row x key products (~40 us on an H200)
+MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
 
 
@@ -122,8 +123,7 @@ class Routes:
         if key not in self._pieces:
             start = self.host_run_start()
             device = self.run_start.device
-            # On CPU an H200's 132: the tests see the plans the GPU gets.
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else MODEL_SMS
             self._pieces[key] = [
                 pack_tiles(
                     ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in range(g.run0, g.run1)),
@@ -180,6 +180,12 @@ def padded_width(rows: int, tile_width: int) -> int:
     return min(width, tile_width)
 
 
+def call_budget(width: int, chunk: int, head_dim: int) -> int:
+    """The most tiles of ``width`` rows one call may hold: a power of two within the memory budget."""
+    most = max(1, PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * head_dim))
+    return 1 << (most.bit_length() - 1)
+
+
 def plan_calls(rows: list[int], tile_width: int, chunk: int, head_dim: int, sms: int) -> list[int]:
     """How many tiles each call takes, in order, from tiles of ``rows`` rows sorted widest first.
 
@@ -195,17 +201,15 @@ def plan_calls(rows: list[int], tile_width: int, chunk: int, head_dim: int, sms:
     # Full calls of the widest tiles while two more remain (most tiles at long lengths): no plan
     # pays less for them, and the search below stays short.
     widest = padded_width(rows[0], tile_width)
-    call = max(1, PIECE_BUDGET_ELEMENTS // ((widest + 2 * chunk) * head_dim))
-    call = 1 << (call.bit_length() - 1)
+    call = call_budget(widest, chunk, head_dim)
     lead = 0
     while call >= fill and lead + 2 * call <= m and padded_width(rows[lead + 2 * call - 1], tile_width) == widest:
         lead += call
     best, take = [0.0] * (m + 1), [1] * m
     for i in range(m - 1, lead - 1, -1):
         width = padded_width(rows[i], tile_width)
-        most = max(1, PIECE_BUDGET_ELEMENTS // ((width + 2 * chunk) * head_dim))
         best[i] = math.inf
-        for n in (1 << b for b in range(most.bit_length())):
+        for n in (1 << b for b in range(call_budget(width, chunk, head_dim).bit_length())):
             cost = max(n, fill) * width * chunk + CALL_OVERHEAD + best[min(m, i + n)]
             if cost < best[i]:
                 best[i], take[i] = cost, n
@@ -216,7 +220,7 @@ def plan_calls(rows: list[int], tile_width: int, chunk: int, head_dim: int, sms:
     return plan
 
 
-def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device, sms: int = 132) -> list[Piece]:
+def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device, sms: int = MODEL_SMS) -> list[Piece]:
     """Cut runs of sorted rows into tiles and pack the tiles into pieces.
 
     ``runs`` yields ``(first sorted row, rows, kv block)``. ``tile_width=None`` makes one unpadded
