@@ -101,6 +101,8 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             if mode == "allgather":
                 keys, n = gathering.wait(), gathering.bytes_sent
                 routed.forward(q, out, lse, ctx.routes, keys, scale, backend, kernels)
+                if any(ctx.needs_input_grad[:3]):
+                    routed.plan_backward(ctx.routes, chunk, q.shape[-1], kernels)
                 del keys, gathering
                 work = ctx.routes.num_rows() if stats is not None else 0
             else:

@@ -94,3 +94,41 @@ def test_merge_of_a_grid_beyond_int32_offsets():
     merge_into(out, lse, 0, nh, grid_out, grid_lse, slots)
     assert_close(out[-tail:], want_out, 1e-2, 1e-2, "merged out")
     assert_close(lse[:, -tail:], want_lse, 1e-5, 1e-5, "merged lse")
+
+
+def test_merge_skips_unused_slots():
+    """``routed_forward`` leaves the output rows of unused slots (LSE -inf) uninitialised: whatever
+    they hold, NaN included, must not reach the merged output."""
+    from moba_megatron.ops.moba.fused_routes import merge_into
+    from moba_megatron.ops.moba.routed import merge_partials
+    from tests.helpers import assert_close
+
+    t, nh, slots, d = 40, 2, 3, 16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    out = torch.randn(t, nh, d, device=DEVICE, generator=g)
+    lse = torch.randn(nh, t, device=DEVICE, generator=g)
+    grid_out = torch.randn(t * nh * slots + 1, d, device=DEVICE, generator=g)
+    grid_lse = torch.randn(t * nh * slots + 1, device=DEVICE, generator=g)
+    unused = torch.rand(grid_lse.shape, device=DEVICE, generator=g) < 0.4
+    grid_lse[unused] = float("-inf")
+    want_out, want_lse = merge_partials(out, lse, grid_out, grid_lse)  # unused rows finite: weight 0
+    grid_out[unused] = float("nan")
+    merge_into(out, lse, 0, nh, grid_out, grid_lse, slots)
+    assert_close(out, want_out, 1e-5, 1e-5, "merged out")
+    assert_close(lse, want_lse, 1e-5, 1e-5, "merged lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_fold_into_a_slice_of_heads(dtype, slots):
+    """``fold_into`` adds the slot sum of a grid into a strided slice of heads, in fp32, rounding once
+    (fp16 parts, as the tile backward's dq rows are; fp32, as the dK/dV accumulators are)."""
+    from moba_megatron.ops.moba.fused_routes import fold_into
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    dst = torch.randn(37, 5, 16, device=DEVICE, generator=g).to(dtype)
+    parts = torch.randn(37, 2, slots, 16, device=DEVICE, generator=g).to(dtype)
+    want = dst.clone()
+    want[:, 1:3] = (want[:, 1:3].float() + parts.float().sum(2)).to(dtype)
+    fold_into(dst[:, 1:3], parts)
+    torch.testing.assert_close(dst, want, rtol=1e-3 if dtype == torch.float16 else 0, atol=1e-6)

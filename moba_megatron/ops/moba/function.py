@@ -8,8 +8,9 @@ exact gradient of the single softmax over the union of selected keys.
 
 Host synchronizations: none on CUDA backends once the block layout of a ``cu_seqlens`` is cached
 (pass ``cu_seqlens`` as a CPU tensor, or the op reads it once per call). The Triton kernels launch
-from device-side run bounds; only backends whose routed calls take tiles read the run sizes on the
-host (copied without blocking in the forward, read where the tiles are planned).
+from device-side run bounds; only routed calls that take tiles read the run sizes on the host
+(copied without blocking after the sort; read once the forward's kernels are queued, where the
+backward's tile calls are planned, so the GPU keeps working while the host waits and plans).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class MoBAFunction(torch.autograd.Function):
         out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)
         if routes is not None:
             routed.forward(q, out, lse, routes, routed.KeyBlocks(k, v, layout), scale, backend, kernels)
+            if any(ctx.needs_input_grad[:3]):
+                routed.plan_backward(routes, layout.chunk, q.shape[-1], kernels)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.routes, ctx.scale, ctx.backend, ctx.kernels = layout, routes, scale, backend, kernels
         return out
@@ -56,7 +59,7 @@ class MoBAFunction(torch.autograd.Function):
         )
         if routes is not None:
             # The Triton backward adds into dq from many programs: an fp32 accumulator. The tile
-            # path adds each head group's routed dq once, in fp32, into the kernel's own dq.
+            # path sums each head group's routed dq rows once, in fp32, into the kernel's own dq.
             fused = ctx.kernels.fused_backward
             dq_acc = dq.float() if fused else dq.contiguous()
             dk, dv = dk.contiguous(), dv.contiguous()

@@ -82,7 +82,10 @@ class Routes:
         self.num_tokens, self.heads, self.slots = num_tokens, heads, slots
         self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
         self.num_runs = kv_heads * subgroups * num_blocks
-        sorted_keys, self.order = torch.sort(keys, stable=True)
+        # The radix sort makes a pass per key byte: run ids (and the unused slots' num_runs) sorted
+        # as int16 take two passes, not the eight of int64 (0.20 against 0.91 ms for 11.5M rows, H200).
+        narrow = torch.int16 if self.num_runs < 2**15 else torch.int32
+        sorted_keys, self.order = torch.sort(keys.to(narrow), stable=True)
         bounds = torch.arange(self.num_runs + 1, device=keys.device, dtype=sorted_keys.dtype)
         self.run_start = torch.searchsorted(sorted_keys, bounds)
         del sorted_keys
@@ -157,7 +160,7 @@ def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_
     first_run = ((heads // group) * subgroups + (heads % group) // per % subgroups) * num_blocks
     nruns = num_kv_heads * subgroups * num_blocks
     groups = [HeadGroup(h0, h1, int(first_run[h0]), int(first_run[h1 - 1]) + num_blocks) for h0, h1 in ranges]
-    runs = first_run.to(sel.device, non_blocking=True).view(1, hq, 1)
+    runs = first_run.to(sel.device, torch.int32, non_blocking=True).view(1, hq, 1)
     keys = torch.where(sel >= 0, runs + sel, nruns).flatten()
     return Routes(keys, num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
                   num_blocks=num_blocks, groups=groups)
