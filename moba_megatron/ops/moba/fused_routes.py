@@ -2,8 +2,8 @@
 (forward and backward), the partial results are merged with the own-block ones in one pass, and,
 for the backends whose backward runs on tiles, the tiles' rows are gathered in one launch and their
 gradients put back in one launch each (dq rows stored at their places in a per-slot grid, dK/dV
-tiles added into fp32 accumulators), then summed into the gradients in one pass. K and V reach the kernels that
-stream over a block's keys through TMA descriptors.
+tiles added into fp32 accumulators), then summed into the gradients in one pass. K and V reach the
+kernels that stream over a block's keys through TMA descriptors.
 
 Rows come sorted into *runs* (``routing.Routes``): the rows of one run attend one key block of one
 kv head. A row id ``r`` names its cell and slot, ``cell = r // slots`` with ``cell = t * heads + h``

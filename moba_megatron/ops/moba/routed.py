@@ -114,6 +114,14 @@ def _cells(routes: Routes, rid: torch.Tensor):
     return cell, h * routes.num_tokens + t, rid % routes.slots, t, h
 
 
+def _grid_places(routes: Routes, grp: HeadGroup, tok, head, slot, valid):
+    """Each kernel row's place in head group ``grp``'s grid of ``[T * nh * slots + 1]`` rows; padding
+    rows (``valid`` False) repeat a real row's place, so they go to the spare last row."""
+    nh, slots = grp.h1 - grp.h0, routes.slots
+    dst = (tok * nh + head - grp.h0) * slots + slot
+    return dst if valid is None else torch.where(valid, dst, routes.num_tokens * nh * slots)
+
+
 def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, backend, kernels: Kernels):
     """Partial output and LSE of head group ``grp``'s rows, in merge-grid layout
     ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare)."""
@@ -124,9 +132,8 @@ def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, bac
 
         return routed_forward(q, keys.k, keys.v, routes, grp, layout.block_starts_dev, layout.chunk, scale)
     kb, vb = keys.block_major
-    spare = t * nh * slots
-    grid_out = q.new_zeros(spare + 1, d)
-    grid_lse = torch.full((spare + 1,), float("-inf"), device=q.device)
+    grid_out = q.new_zeros(t * nh * slots + 1, d)
+    grid_lse = torch.full((grid_out.shape[0],), float("-inf"), device=q.device)
     for piece in routes.pieces(kernels.tile_width, layout.chunk, d)[routes.groups.index(grp)]:
         sorted_rows, valid = piece.slots()
         cell, _, slot, tok, head = _cells(routes, routes.order[sorted_rows])
@@ -134,9 +141,7 @@ def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, bac
             q.view(-1, d)[cell], kb[piece.tile_block], vb[piece.tile_block], piece.tile_rows, piece.width,
             piece.max_rows, scale,
         )
-        dst = (tok * nh + head - grp.h0) * slots + slot
-        if valid is not None:
-            dst = torch.where(valid, dst, spare)
+        dst = _grid_places(routes, grp, tok, head, slot, valid)
         put_rows(grid_out, dst, o)
         grid_lse[dst] = l
     return grid_out, grid_lse
@@ -201,8 +206,7 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         # zero; the last row is spare), summed into dq once the group is done. Plain stores: fp32
         # atomics into a [T, heads, D] accumulator took 5.1 against 2.1 ms at 128K / 4096 / 12 (H200).
         nh = grp.h1 - grp.h0
-        spare = t * nh * slots
-        grid_dq = q.new_zeros(spare + 1, d)
+        grid_dq = q.new_zeros(t * nh * slots + 1, d)
         for piece in pieces:
             sorted_rows, valid = piece.slots()
             if kernels.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
@@ -222,10 +226,7 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
                 add_key_tiles(dkv[0], dkv[1], dk_r, dv_r, piece.tile_block, layout.block_starts_dev, kv0,
                               layout.num_blocks)
             else:
-                dst = (tok * nh + head - grp.h0) * slots + slot
-                if valid is not None:  # padding rows repeat a real row's place: send them to the spare row
-                    dst = torch.where(valid, dst, spare)
-                put_rows(grid_dq, dst, dq_r.to(grid_dq.dtype))
+                put_rows(grid_dq, _grid_places(routes, grp, tok, head, slot, valid), dq_r.to(grid_dq.dtype))
                 tokens = layout.block_starts_dev[piece.tile_block % layout.num_blocks, None] + torch.arange(
                     layout.chunk, device=q.device)
                 at = (tokens * (kv1 - kv0) + (piece.tile_block // layout.num_blocks - kv0)[:, None]).flatten()
