@@ -56,6 +56,17 @@ def test_head_groups(monkeypatch):
     check([192, 64], 32, 3, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
 
 
+def test_tile_backward_of_several_calls_per_head_group(monkeypatch):
+    """One head per group, calls of at most 4 tiles of at most 8 rows: each group's dq is folded from
+    the rows of several call outputs, wherever they lie."""
+    from moba_megatron.ops.moba import routing
+
+    monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
+    monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 4 * (8 + 2 * 32) * 16)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    check([192, 64], 32, 3, 4, 2, 16, dtype, backend=FusedOnPaddedTorch(8))
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lens=st.lists(st.integers(0, 120), min_size=1, max_size=3),

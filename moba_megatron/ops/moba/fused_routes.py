@@ -1,8 +1,8 @@
 """MoBA's routed attention in Triton: the rows that chose a block attend it straight out of q, k, v
 (forward and backward), the partial results are merged with the own-block ones in one pass, and,
-for the backends whose backward runs on tiles, the tiles' rows are gathered in one launch and their
-gradients put back in one launch each (dq rows stored at their places in a per-slot grid, dK/dV
-tiles added into fp32 accumulators), then summed into the gradients in one pass. K and V reach the
+for the backends whose backward runs on tiles, each call's rows and key tiles are gathered in one
+launch each, and once a head group's calls are done their gradients are summed where the calls left
+them, in one pass for dq and one for dK/dV (no atomics, no copies into grids). K and V reach the
 kernels that stream over a block's keys through TMA descriptors.
 
 Rows come sorted into *runs* (``routing.Routes``): the rows of one run attend one key block of one
@@ -248,54 +248,70 @@ def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
 
 
 @triton.jit
-def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, order, sorted_rows, valid, n, T, stride_t, stride_h, heads, slots,
-                   HAS_VALID: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    mask = rows < n
-    rid = tl.load(order + tl.load(sorted_rows + rows, mask=mask, other=0), mask=mask, other=0)
-    t, h, _ = _row_place(rid, slots, heads)
+def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, SRC, order, tile_row0, tile_rows, width, T, stride_t, stride_h,
+                   heads, slots, h0, nh, code, D: tl.constexpr, BR: tl.constexpr, ROW_ID_32: tl.constexpr):
+    """Kernel rows ``[first, first + BR)`` of a call of tiles padded to ``width`` rows (``BR`` divides
+    it, so they lie in one tile): row i is sorted row ``tile_row0 + i % width`` of its tile or, past
+    the tile's rows (padding), the tile's last row again, with a zero dO. Each real row also leaves
+    ``code + i`` at its (token, head, slot) place of ``SRC``, where the fold of dq finds it. Row ids
+    are split in int32 where they fit: int64 division is emulated, and cost ~1 ms here at 128K."""
+    first = tl.program_id(0).to(tl.int64) * BR
+    tile = first // width
+    pos = first % width + tl.arange(0, BR)
+    count = tl.load(tile_rows + tile)
+    real = pos < count
+    rid = tl.load(order + tl.load(tile_row0 + tile) + tl.minimum(pos, tl.maximum(count - 1, 0)))
+    if ROW_ID_32:
+        rid = rid.to(tl.int32)
+    t, h, s = _row_place(rid, slots, heads)
+    t = t.to(tl.int64)
+    rows = first + tl.arange(0, BR)
     d = tl.arange(0, D)
     src = t[:, None] * stride_t + h[:, None] * stride_h + d[None, :]
     dst = rows[:, None] * D + d[None, :]
-    m2 = mask[:, None]
-    tl.store(QR + dst, tl.load(Q + src, mask=m2), mask=m2)
-    tl.store(OR + dst, tl.load(O + src, mask=m2), mask=m2)
-    do = tl.load(DO + src, mask=m2, other=0.0)
-    if HAS_VALID:
-        do = tl.where(tl.load(valid + rows, mask=mask, other=0)[:, None] != 0, do, 0.0)
-    tl.store(DOR + dst, do, mask=m2)
-    tl.store(LR + rows, tl.load(LSE + h * T + t, mask=mask), mask=mask)
+    tl.store(QR + dst, tl.load(Q + src))
+    tl.store(OR + dst, tl.load(O + src))
+    tl.store(DOR + dst, tl.load(DO + src, mask=real[:, None], other=0.0))
+    tl.store(LR + rows, tl.load(LSE + h * T + t))
+    tl.store(SRC + (t * nh + h - h0) * slots + s, code + rows, mask=real)
 
 
 @triton.jit
-def _put_rows_kernel(GRID, ROWS, order, sorted_rows, valid, n, h0, nh, heads, slots,
-                     HAS_VALID: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    """``GRID[(t * nh + h - h0) * slots + s] = ROWS[i]`` for kernel row i, whose row id
-    ``order[sorted_rows[i]]`` is slot s of cell (t, h): each row has a place of its own, so no atomics."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    mask = rows < n
-    if HAS_VALID:
-        mask &= tl.load(valid + rows, mask=mask, other=0) != 0
-    rid = tl.load(order + tl.load(sorted_rows + rows, mask=mask, other=0), mask=mask, other=0)
-    t, h, s = _row_place(rid, slots, heads)
-    d = tl.arange(0, D)
-    g = (t * nh + h - h0) * slots + s
-    x = tl.load(ROWS + rows[:, None] * D + d[None, :], mask=mask[:, None])
-    tl.store(GRID + g[:, None] * D + d[None, :], x, mask=mask[:, None])
-
-
-@triton.jit
-def _add_key_tiles_kernel(ACC_K, ACC_V, TK, TV, tile_block, block_start, kv0, nb, stride_at, stride_ah,
-                          CHUNK: tl.constexpr, D: tl.constexpr, BK: tl.constexpr):
-    """``ACC[block_start[b] + j, kvh - kv0] += T[i, j]`` in fp32 for key j of tile i, whose keys are
-    block b of kv head kvh (``tile_block[i] = kvh * nb + b``)."""
+def _gather_key_tiles_kernel(K, V, KT, VT, tile_block, block_start, nb, num_tokens, stride_kt, stride_kh, stride_vt,
+                             stride_vh, CHUNK: tl.constexpr, D: tl.constexpr, BK: tl.constexpr):
+    """``KT[i, j] = K[block_start[b] + j, kvh]`` (and V) for key j of tile i, whose keys are block b of kv
+    head kvh (``tile_block[i] = kvh * nb + b``)."""
     i = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BK + tl.arange(0, BK)
     kb = tl.load(tile_block + i)
-    dst = ((tl.load(block_start + kb % nb) + j) * stride_at + (kb // nb - kv0) * stride_ah)[:, None] + tl.arange(0, D)[None, :]
-    src = (i * CHUNK + j)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.atomic_add(ACC_K + dst, tl.load(TK + src).to(tl.float32), sem="relaxed")
-    tl.atomic_add(ACC_V + dst, tl.load(TV + src).to(tl.float32), sem="relaxed")
+    token = tl.minimum(tl.load(block_start + kb % nb) + j, num_tokens - 1)  # selected blocks are full
+    d = tl.arange(0, D)[None, :]
+    dst = (i * CHUNK + j)[:, None] * D + d
+    tl.store(KT + dst, tl.load(K + (token * stride_kt + (kb // nb) * stride_kh)[:, None] + d))
+    tl.store(VT + dst, tl.load(V + (token * stride_vt + (kb // nb) * stride_vh)[:, None] + d))
+
+
+@triton.jit
+def _fold_key_tiles_kernel(DK, DV, PARTS, offsets, entries, bounds, blocks, block_start, nb, kv0,
+                           stride_t, stride_h, CHUNK: tl.constexpr, D: tl.constexpr, BK: tl.constexpr):
+    """``DK[block_start[b] + j, kvh - kv0] +=`` the sum of key j's gradient over the tiles of key block
+    ``blocks[e] = kvh * nb + b`` (tile ``code & (2^40 - 1)`` of call ``i = code >> 40``, whose dK and dV
+    lie at ``PARTS + offsets[2 * i]`` and ``PARTS + offsets[2 * i + 1]``, for each code of
+    ``entries[bounds[e]:bounds[e + 1]]``), in fp32, rounded once. Each key has one program: no atomics."""
+    e = tl.program_id(0)
+    j = tl.program_id(1) * BK + tl.arange(0, BK)
+    d = tl.arange(0, D)[None, :]
+    acc_k = tl.zeros([BK, D], tl.float32)
+    acc_v = tl.zeros([BK, D], tl.float32)
+    for x in range(tl.load(bounds + e), tl.load(bounds + e + 1)):
+        code = tl.load(entries + x)
+        rows = (((code & 0xFFFFFFFFFF) * CHUNK + j) * D)[:, None] + d
+        acc_k += tl.load(PARTS + tl.load(offsets + 2 * (code >> 40)) + rows).to(tl.float32)
+        acc_v += tl.load(PARTS + tl.load(offsets + 2 * (code >> 40) + 1) + rows).to(tl.float32)
+    kb = tl.load(blocks + e)
+    dst = ((tl.load(block_start + kb % nb) + j) * stride_t + (kb // nb - kv0) * stride_h)[:, None] + d
+    tl.store(DK + dst, (tl.load(DK + dst).to(tl.float32) + acc_k).to(DK.dtype.element_ty))
+    tl.store(DV + dst, (tl.load(DV + dst).to(tl.float32) + acc_v).to(DV.dtype.element_ty))
 
 
 @triton.jit
@@ -309,6 +325,25 @@ def _fold_kernel(DST, PARTS, cells, n, slots, stride_t, stride_h, D: tl.constexp
     for s in range(slots):
         total += tl.load(PARTS + (c * slots + s)[:, None] * D + d, mask=mask).to(tl.float32)
     tl.store(dst, total.to(DST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fold_rows_kernel(DST, SRC, ROWS, offsets, cells, n, slots, stride_t, stride_h,
+                      D: tl.constexpr, BR: tl.constexpr):
+    """``DST[t, h] += sum_s`` of the row each (t, h, s) place of ``SRC`` names (``piece << 40 | row``:
+    row ``row`` of the call output at ``ROWS + offsets[piece]``; -1: none), in fp32, rounded once."""
+    c = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mask = c < cells
+    d = tl.arange(0, D)[None, :]
+    dst = DST + (c // n)[:, None] * stride_t + (c % n)[:, None] * stride_h + d
+    total = tl.load(dst, mask=mask[:, None]).to(tl.float32)
+    for s in range(slots):
+        code = tl.load(SRC + c * slots + s, mask=mask, other=-1)
+        used = code >= 0
+        base = tl.load(offsets + (code >> 40), mask=used, other=0)
+        row = code & 0xFFFFFFFFFF
+        total += tl.load(ROWS + base[:, None] + row[:, None] * D + d, mask=used[:, None], other=0.0).to(tl.float32)
+    tl.store(dst, total.to(DST.dtype.element_ty), mask=mask[:, None])
 
 
 def _launch(key, configs, launch):
@@ -431,50 +466,107 @@ def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int) -> No
     )
 
 
-def gather_rows(dout, q, out, lse, routes, sorted_rows, valid):
-    """The tile backward's rows in one pass: rows ``routes.order[sorted_rows]`` of ``dout, q, out``
-    (``[T, heads, D]``, same strides) and of ``lse [heads, T]``; ``dout`` rows are zero where
-    ``valid`` is False (padding). Returns ``(dout_rows, q_rows, out_rows, lse_rows)``."""
+def _to_device(values: list[int], device) -> torch.Tensor:
+    """An int64 table on the device, copied without making the host wait for the GPU."""
+    table = torch.tensor(values, dtype=torch.int64)
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+
+def _offsets_from(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part lowest in memory, and where each part starts from it, in elements: one kernel then
+    reads tensors that the calls allocated one by one, where they lie, without copying them."""
+    assert all(p.is_contiguous() and p.dtype == parts[0].dtype for p in parts)
+    base = min(parts, key=lambda p: p.data_ptr())
+    gaps = [p.data_ptr() - base.data_ptr() for p in parts]
+    assert all(g % base.element_size() == 0 for g in gaps)
+    return base, _to_device([g // base.element_size() for g in gaps], device)
+
+
+def row_sources(t: int, nh: int, slots: int, device) -> torch.Tensor:
+    """The dq fold's map of one head group: at each (token, head, slot) place, which call output row
+    holds that row's dq (filled by ``gather_tile_rows``; -1 where the slot is unused)."""
+    return torch.full((t * nh * slots,), -1, dtype=torch.int64, device=device)
+
+
+def gather_tile_rows(dout, q, out, lse, routes, piece, grp, sources, index: int):
+    """The rows of call ``piece`` (the ``index``-th of head group ``grp``), padded as it is, in one
+    pass: of ``dout, q, out`` (``[T, heads, D]``, same strides) and of ``lse [heads, T]``; padding rows
+    repeat their tile's last row with a zero dO. Records where each real row's dq will be in
+    ``sources``. Returns ``(dout_rows, q_rows, out_rows, lse_rows)``."""
     assert dout.stride() == q.stride() == out.stride() and lse.is_contiguous()
-    n, (t, _, d) = sorted_rows.numel(), q.shape
+    assert piece.width is not None, "the Triton tile backward takes padded tiles"
+    n, (t, _, d) = piece.width * piece.num_tiles, q.shape
+    assert n < 1 << 40
     dout_rows, q_rows, out_rows = (x.new_empty(n, d) for x in (dout, q, out))
     lse_rows = lse.new_empty(n)
-    has_valid = valid is not None
-    _gather_kernel[(triton.cdiv(n, GATHER_ROWS),)](
-        q, dout, out, lse, q_rows, dout_rows, out_rows, lse_rows, routes.order, sorted_rows,
-        valid.view(torch.uint8) if has_valid else sorted_rows, n, t, q.stride(0), q.stride(1), routes.heads,
-        routes.slots, HAS_VALID=has_valid, D=d, BR=GATHER_ROWS, num_warps=4,
+    br = min(GATHER_ROWS, piece.width & -piece.width)  # a power of two dividing the width
+    _gather_kernel[(n // br,)](
+        q, dout, out, lse, q_rows, dout_rows, out_rows, lse_rows, sources, routes.order, piece.tile_row0,
+        piece.tile_rows, piece.width, t, q.stride(0), q.stride(1), routes.heads, routes.slots, grp.h0,
+        grp.h1 - grp.h0, index << 40, D=d, BR=br, ROW_ID_32=routes.order.numel() < 2**31, num_warps=4,
     )
     return dout_rows, q_rows, out_rows, lse_rows
 
 
-def put_grid_rows(grid, rows, routes, sorted_rows, valid, h0: int, nh: int) -> None:
-    """Each kernel row of ``rows [n, D]`` stored at its (token, head, slot) place of the grid ``[T * nh *
-    slots (+ 1), D]`` of heads ``[h0, h0 + nh)`` (row id ``routes.order[sorted_rows[i]]``), except where
-    ``valid`` is False (padding)."""
-    n, d = rows.shape
-    if n == 0:
+def gather_key_tiles(k, v, tile_block, block_starts, chunk: int):
+    """K and V tiles ``[tiles, C, D]`` of a call, straight from ``k, v [Tk, Hkv, D]``: tile i holds block
+    ``tile_block[i] % nb`` of kv head ``tile_block[i] // nb``. (PyTorch's index of a block-major copy
+    moved these at 1.7 TB/s: 2.3 ms at 128K / 4096 / 12 on an H200.)"""
+    (tk, _, d), tiles = k.shape, tile_block.numel()
+    assert k.stride(2) == v.stride(2) == 1
+    k_tiles, v_tiles = (x.new_empty(tiles, chunk, d) for x in (k, v))
+    bk = math.gcd(64, chunk)
+    if tiles:
+        _gather_key_tiles_kernel[(tiles, chunk // bk)](
+            k, v, k_tiles, v_tiles, tile_block, block_starts, block_starts.numel(), tk, k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), CHUNK=chunk, D=d, BK=bk, num_warps=4,
+        )
+    return k_tiles, v_tiles
+
+
+def fold_rows(dst: torch.Tensor, sources: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """``dst [T, n, D] +=`` the sum over slots of the call output rows ``sources [T * n * S]`` names
+    (``piece << 40 | row`` of ``parts[piece] [rows, D]``), in fp32, rounded once into dst's dtype.
+
+    cuDNN allocates each call's dq; the fold reads every part where it lies (offsets from the part
+    lowest in memory) rather than copying the rows into a grid first: storing them took 2.1 ms and
+    zero-filling the grid 0.9 at 128K / 4096 / 12 (H200)."""
+    t, n, d = dst.shape
+    if t * n == 0 or not parts:
         return
-    rows = rows.contiguous()
-    has_valid = valid is not None
-    _put_rows_kernel[(triton.cdiv(n, GATHER_ROWS),)](
-        grid, rows, routes.order, sorted_rows, valid.view(torch.uint8) if has_valid else sorted_rows, n,
-        h0, nh, routes.heads, routes.slots, HAS_VALID=has_valid, D=d, BR=GATHER_ROWS, num_warps=4,
+    assert dst.stride(2) == 1
+    base, offsets = _offsets_from(parts, dst.device)
+    _fold_rows_kernel[(triton.cdiv(t * n, FOLD_ROWS),)](
+        dst, sources, base, offsets, t * n, n, sources.numel() // (t * n), dst.stride(0), dst.stride(1),
+        D=d, BR=FOLD_ROWS, num_warps=4,
     )
 
 
-def add_key_tiles(acc_k, acc_v, dk_tiles, dv_tiles, tile_block, block_starts, kv0: int, num_blocks: int) -> None:
-    """``acc_k, acc_v [Tk, nkv, D]`` (fp32, token-major, kv heads from ``kv0``) += the tiles' key gradients
-    ``[tiles, C, D]``; tile i holds block ``tile_block[i] % num_blocks`` of kv head ``tile_block[i] // num_blocks``."""
-    tiles, chunk, d = dk_tiles.shape
-    if tiles == 0:
+def fold_key_tiles(dk, dv, kv0: int, parts, piece_blocks, block_starts, chunk: int) -> None:
+    """``dk, dv [Tk, nkv, D]`` (token-major, kv heads from ``kv0``; any float dtype) += the key
+    gradients of every tile of a head group's calls: ``parts[i] = (dk_tiles, dv_tiles) [tiles, C, D]``
+    of call i, whose tile j holds key block ``piece_blocks[i][j] = kvh * nb + b``. Each key's tiles are
+    summed in fp32 and added once. (fp32 atomics into accumulators, tile by tile, took 1.7 ms, and
+    zero-filling and folding the accumulators 0.8, at 128K / 4096 / 12 on an H200.)"""
+    d = dk.shape[-1]
+    assert dk.stride() == dv.stride() and dk.stride(2) == 1
+    codes = sorted((block, i << 40 | j) for i, blocks in enumerate(piece_blocks) for j, block in enumerate(blocks))
+    if not codes:
         return
-    assert acc_k.stride() == acc_v.stride()
-    dk_tiles, dv_tiles = dk_tiles.contiguous(), dv_tiles.contiguous()
+    blocks, bounds = [], []
+    for x, (block, _) in enumerate(codes):
+        if not blocks or blocks[-1] != block:
+            blocks.append(block)
+            bounds.append(x)
+    bounds.append(len(codes))
+    flat = [x for pair in parts for x in pair]
+    base, offsets = _offsets_from(flat, dk.device)
+    table = _to_device([code for _, code in codes] + bounds + blocks, dk.device)
+    n, m = len(codes), len(blocks)
     bk = math.gcd(64, chunk)
-    _add_key_tiles_kernel[(tiles, chunk // bk)](
-        acc_k, acc_v, dk_tiles, dv_tiles, tile_block, block_starts, kv0, num_blocks, acc_k.stride(0), acc_k.stride(1),
-        CHUNK=chunk, D=d, BK=bk, num_warps=4,
+    _fold_key_tiles_kernel[(m, chunk // bk)](
+        dk, dv, base, offsets, table[:n], table[n : n + m + 1], table[n + m + 1 :], block_starts,
+        block_starts.numel(), kv0, dk.stride(0), dk.stride(1), CHUNK=chunk, D=d, BK=bk, num_warps=4,
     )
 
 

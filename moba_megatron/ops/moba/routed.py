@@ -9,10 +9,9 @@ layout of their blocks (the op's own, or every rank's gathered).
 
 On CUDA backends the forward and, for blocks below the backend's ``tiles_backward_min_chunk``, the
 backward run in fused_routes.py's Triton kernels (nothing waits for the host). Elsewhere the rows
-are cut into tiles for the backend's tile calls; the tiles' rows come from one Triton gather per
-call, and their gradients go back by one Triton launch each (dq rows into a grid with a place per
-(token, head, slot), dK/dV tiles into fp32 accumulators), where the backend has Triton, else by
-index copies and ``index_add_``.
+are cut into tiles for the backend's tile calls. Where the backend has Triton, a call's rows and key
+tiles come from one gather each, and a head group's gradients are summed from the calls' outputs in
+one pass for dq and one for dK/dV; else by index copies, a grid of dq rows and ``index_add_``.
 """
 
 from __future__ import annotations
@@ -189,42 +188,52 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         routed_backward(dout, q, keys.k, keys.v, out, lse, routes, layout.block_starts_dev, layout.chunk, scale,
                         dq, dk, dv)
         return
-    kb, vb = keys.block_major
     per_kv = routes.subgroups * layout.num_blocks
     if kernels.fused:
-        from .fused_routes import add_key_tiles, fold_into, gather_rows, put_grid_rows
+        from .fused_routes import fold_into, fold_key_tiles, fold_rows, gather_key_tiles, gather_tile_rows, row_sources
     else:
         fold_into = _fold_into
+        kb, vb = keys.block_major
     t, slots = q.shape[0], routes.slots
     dkv, kv0 = None, 0  # fp32 token-major dK, dV of kv heads [kv0, ...) until they are complete
     for grp, pieces in zip(routes.groups, routes.pieces(kernels.tile_width, layout.chunk, d)):
         kv1 = -(-grp.run1 // per_kv)
-        if dkv is None:
+        # The Triton path sums a head group's key tiles straight into dk, dv where the group holds every
+        # run of its kv heads; else into fp32 accumulators until the kv heads' last group.
+        direct = kernels.fused and dkv is None and grp.run0 % per_kv == 0 and grp.run1 % per_kv == 0
+        if dkv is None and not direct:
             kv0 = grp.run0 // per_kv
             dkv = torch.zeros(2, layout.num_tokens, kv1 - kv0, d, dtype=torch.float32, device=q.device)
-        # Each row's dq at its (token, head, slot) place, as the kernel returns it (unused places stay
-        # zero; the last row is spare), summed into dq once the group is done. Plain stores: fp32
-        # atomics into a [T, heads, D] accumulator took 5.1 against 2.1 ms at 128K / 4096 / 12 (H200).
+        # Each row's dq is summed into dq once its head group is done, in fp32 (fp32 atomics into a
+        # [T, heads, D] accumulator took 5.1 ms at 128K / 4096 / 12 on an H200). The Triton path reads
+        # the rows from the calls' outputs through a map of their places; the other stores them at
+        # their (token, head, slot) places of a grid (unused places stay zero; the last row is spare).
         nh = grp.h1 - grp.h0
-        grid_dq = q.new_zeros(t * nh * slots + 1, d)
-        for piece in pieces:
-            sorted_rows, valid = piece.slots()
+        if kernels.fused:
+            sources, dq_parts, key_parts = row_sources(t, nh, slots, q.device), [], []
+        else:
+            grid_dq = q.new_zeros(t * nh * slots + 1, d)
+        for index, piece in enumerate(pieces):
             if kernels.fused:  # padding rows get a zero dO: they must carry no gradient into dK/dV
-                dout_rows, q_rows, out_rows, lse_rows = gather_rows(dout, q, out, lse, routes, sorted_rows, valid)
+                dout_rows, q_rows, out_rows, lse_rows = gather_tile_rows(dout, q, out, lse, routes, piece, grp,
+                                                                         sources, index)
+                k_tiles, v_tiles = gather_key_tiles(keys.k, keys.v, piece.tile_block, layout.block_starts_dev,
+                                                    layout.chunk)
             else:
+                sorted_rows, valid = piece.slots()
                 cell, head_major, slot, tok, head = _cells(routes, routes.order[sorted_rows])
                 dout_rows, q_rows, out_rows = (x.view(-1, d)[cell] for x in (dout, q, out))
                 if valid is not None:
                     dout_rows = torch.where(valid[:, None], dout_rows, 0)
                 lse_rows = lse.view(-1)[head_major]
+                k_tiles, v_tiles = kb[piece.tile_block], vb[piece.tile_block]
             dq_r, dk_r, dv_r = backend.tiles_backward(
-                dout_rows, q_rows, kb[piece.tile_block], vb[piece.tile_block], out_rows, lse_rows,
-                piece.tile_rows, piece.width, piece.max_rows, scale,
+                dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, piece.tile_rows, piece.width, piece.max_rows,
+                scale,
             )
             if kernels.fused:  # dk_r, dv_r are [tiles, C, D], shaped like the key tiles
-                put_grid_rows(grid_dq, dq_r, routes, sorted_rows, valid, grp.h0, nh)
-                add_key_tiles(dkv[0], dkv[1], dk_r, dv_r, piece.tile_block, layout.block_starts_dev, kv0,
-                              layout.num_blocks)
+                dq_parts.append(dq_r.contiguous())
+                key_parts.append((dk_r.contiguous(), dv_r.contiguous()))
             else:
                 put_rows(grid_dq, _grid_places(routes, grp, tok, head, slot, valid), dq_r.to(grid_dq.dtype))
                 tokens = layout.block_starts_dev[piece.tile_block % layout.num_blocks, None] + torch.arange(
@@ -232,10 +241,16 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
                 at = (tokens * (kv1 - kv0) + (piece.tile_block // layout.num_blocks - kv0)[:, None]).flatten()
                 for acc, g in zip(dkv, (dk_r, dv_r)):
                     acc.view(-1, d).index_add_(0, at, g.reshape(-1, d).float())
-            del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows
-        fold_into(dq[:, grp.h0 : grp.h1], grid_dq[:-1].view(t, nh, slots, d))
-        del grid_dq
-        if grp.run1 % per_kv == 0:  # the kv heads' last runs are done
+            del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows, k_tiles, v_tiles
+        if kernels.fused:
+            fold_rows(dq[:, grp.h0 : grp.h1], sources, dq_parts)
+            key_dst = (dk, dv, 0) if direct else (dkv[0], dkv[1], kv0)
+            fold_key_tiles(*key_dst, key_parts, [p.key_blocks for p in pieces], layout.block_starts_dev, layout.chunk)
+            del sources, dq_parts, key_parts
+        else:
+            fold_into(dq[:, grp.h0 : grp.h1], grid_dq[:-1].view(t, nh, slots, d))
+            del grid_dq
+        if dkv is not None and grp.run1 % per_kv == 0:  # the kv heads' last runs are done
             fold_into(dk[:, kv0:kv1], dkv[0].unsqueeze(2))
             fold_into(dv[:, kv0:kv1], dkv[1].unsqueeze(2))
             dkv = None

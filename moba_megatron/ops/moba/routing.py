@@ -51,6 +51,7 @@ class Piece:
     tile_row0: torch.Tensor  # [tiles] int64, first sorted row of each tile
     tile_rows: torch.Tensor  # [tiles] int64, rows in each tile (0: an empty tile)
     tile_block: torch.Tensor  # [tiles] int64, kv_head * num_blocks + block: the tile's keys
+    key_blocks: tuple[int, ...]  # tile_block on the host
 
     @property
     def num_tiles(self) -> int:
@@ -272,6 +273,7 @@ def pack_tiles(runs, tile_width: int | None, chunk: int, head_dim: int, device, 
             tile_row0=dev[0, o0:o1],
             tile_rows=dev[1, o0:o1],
             tile_block=dev[2, o0:o1],
+            key_blocks=tuple(block for _, _, block in table[o0:o1]),
         )
         for (width, part, _), (o0, o1) in zip(spans, offsets)
     ]
