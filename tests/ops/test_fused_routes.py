@@ -133,7 +133,7 @@ def test_merge_skips_unused_slots():
 @pytest.mark.parametrize("slots", [1, 3])
 def test_fold_into_a_slice_of_heads(dtype, slots):
     """``fold_into`` adds the slot sum of a grid into a strided slice of heads, in fp32, rounding once
-    (fp16 parts, as the tile backward's dq rows are; fp32, as the dK/dV accumulators are)."""
+    (fp16 parts; fp32, as the tile backward's dK/dV accumulators are)."""
     from moba_megatron.ops.moba.fused_routes import fold_into
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
