@@ -52,6 +52,9 @@ BACKWARD_DQ_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 MERGE_ROWS = 32
 GATHER_ROWS = 64
 FOLD_ROWS = 32
+# Keys per program of the dK/dV fold, whose grid is only (key blocks, C / FOLD_KEYS): a head group's
+# fold took 90 us with 16, 118 with 32 and 215 with 64 (H200, calls shaped like 128K / 4096 / 12).
+FOLD_KEYS = 16
 _config_in_use: dict[tuple, tuple] = {}
 
 
@@ -546,7 +549,7 @@ def fold_key_tiles(dk, dv, kv0: int, parts, piece_blocks, block_starts, chunk: i
     """``dk, dv [Tk, nkv, D]`` (token-major, kv heads from ``kv0``; any float dtype) += the key
     gradients of every tile of a head group's calls: ``parts[i] = (dk_tiles, dv_tiles) [tiles, C, D]``
     of call i, whose tile j holds key block ``piece_blocks[i][j] = kvh * nb + b``. Each key's tiles are
-    summed in fp32 and added once. (fp32 atomics into accumulators, tile by tile, took 1.7 ms, and
+    summed in fp32 and added once. (fp32 atomics into accumulators, tile by tile, took 1.8 ms, and
     zero-filling and folding the accumulators 0.8, at 128K / 4096 / 12 on an H200.)"""
     d = dk.shape[-1]
     assert dk.stride() == dv.stride() and dk.stride(2) == 1
@@ -563,7 +566,7 @@ def fold_key_tiles(dk, dv, kv0: int, parts, piece_blocks, block_starts, chunk: i
     base, offsets = _offsets_from(flat, dk.device)
     table = _to_device([code for _, code in codes] + bounds + blocks, dk.device)
     n, m = len(codes), len(blocks)
-    bk = math.gcd(64, chunk)
+    bk = math.gcd(FOLD_KEYS, chunk)
     _fold_key_tiles_kernel[(m, chunk // bk)](
         dk, dv, base, offsets, table[:n], table[n : n + m + 1], table[n + m + 1 :], block_starts,
         block_starts.numel(), kv0, dk.stride(0), dk.stride(1), CHUNK=chunk, D=d, BK=bk, num_warps=4,
