@@ -77,7 +77,9 @@ def inputs(case: Case, tokens: int, device: str, seed: int):
     def rand(h):
         return torch.randn(tokens, h, case.d, generator=g, device=device, dtype=dtype)
 
-    return [rand(case.hq).requires_grad_(), rand(case.hkv).requires_grad_(), rand(case.hkv).requires_grad_()], rand(case.hq)
+    return [rand(case.hq).requires_grad_(), rand(case.hkv).requires_grad_(), rand(case.hkv).requires_grad_()], rand(
+        case.hq
+    )
 
 
 def measure(call, qkv, dout, reps, device, group_wide=True):
@@ -158,7 +160,9 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=3))
     world, rank = dist.get_world_size(), dist.get_rank()
-    groups = {cp: [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)] for cp in (2, 4) if world % cp == 0}
+    groups = {
+        cp: [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)] for cp in (2, 4) if world % cp == 0
+    }
     cases = SMALL if args.small else CASES
     if args.case:
         cases = [c for c in cases if any(c.name.startswith(p) for p in args.case)]
@@ -168,8 +172,12 @@ def main() -> None:
     for case in cases:
         single = [float("nan")] * 3 if args.skip_single else single_gpu(case, args.reps, device, args.backend)
         if rank == 0:
-            print(f"\n## {case.name}: S={case.seq} chunk={case.chunk} topk={case.topk} Hq={case.hq} Hkv={case.hkv} D={case.d}")
-            print(f"CP=1: fwd {single[0] * 1e3:.1f} ms, fwd+bwd {single[1] * 1e3:.1f} ms, peak {single[2]:.1f} GiB", flush=True)
+            print(f"\n## {case.name}: S={case.seq} chunk={case.chunk} topk={case.topk} "
+                  f"Hq={case.hq} Hkv={case.hkv} D={case.d}")
+            print(
+                f"CP=1: fwd {single[0] * 1e3:.1f} ms, fwd+bwd {single[1] * 1e3:.1f} ms, peak {single[2]:.1f} GiB",
+                flush=True,
+            )
         for cp in case.cps:
             if cp not in groups:
                 continue
@@ -179,9 +187,11 @@ def main() -> None:
                 r["scaling_efficiency"] = single[1] / (cp * r["forward_backward_s"])
                 if rank == 0:
                     print(
-                        f"CP={cp} {mode:9s}{' (auto)' if mode == auto else '       '}: fwd {r['forward_s'] * 1e3:.1f} ms, "
+                        f"CP={cp} {mode:9s}{' (auto)' if mode == auto else '       '}: "
+                        f"fwd {r['forward_s'] * 1e3:.1f} ms, "
                         f"fwd+bwd {r['forward_backward_s'] * 1e3:.1f} ms, peak {r['peak_gib']:.1f} GiB, "
-                        f"sent/rank fwd {r['forward_bytes_per_rank'] / 2**20:.1f} MiB bwd {r['backward_bytes_per_rank'] / 2**20:.1f} MiB, "
+                        f"sent/rank fwd {r['forward_bytes_per_rank'] / 2**20:.1f} MiB "
+                        f"bwd {r['backward_bytes_per_rank'] / 2**20:.1f} MiB, "
                         f"balance {r['work_balance']:.3f}, efficiency {r['scaling_efficiency']:.2f}",
                         flush=True,
                     )

@@ -5,9 +5,13 @@ Prints forward and forward+backward time, peak memory beyond the inputs, TFLOP/s
 FLOPs each method actually needs (MoBA: its selected keys; dense: the causal triangle), and each
 method's fwd+bwd time over cuDNN dense's in the same run.
 
-    python benchmarks/bench_op.py                 # the cases of benchmarks/RESULTS.md
+    python benchmarks/bench_op.py                 # the op-speed cases of benchmarks/RESULTS.md
+    python benchmarks/bench_op.py --sweep equal-sparsity  # small blocks: block x top-k fixed, 32K and 128K
     python benchmarks/bench_op.py --case 128k-4096-12 --profile
     python benchmarks/bench_op.py --backward both # also MoBA with each routed backward (Triton, tiles)
+
+The dense baselines run once per shape (length, heads, head dim) and every MoBA case of that shape
+is compared with them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moba_megatron import moba_attn_varlen
 
+from provenance import provenance  # this folder is on sys.path when the script runs
+
 K = 1024
 
 
@@ -34,7 +40,7 @@ class Case:
     hq: int = 8
     hkv: int = 8
     d: int | None = None  # head dim; None: --head-dim
-    dense: bool = False  # also time the dense baselines at this length
+    dense: bool = False  # also time the dense baselines at this shape (where no case before did)
 
 
 CASES = [
@@ -49,6 +55,14 @@ CASES = [
     Case("512k-4096-12", 512 * K, 4096, 12, dense=True),
     Case("1m-4096-12", 1024 * K, 4096, 12),
 ]
+
+# Small blocks at equal sparsity: every case attends the same keys a query (6144 at 32K, 49152 at 128K).
+EQUAL_SPARSITY = [
+    *(Case(f"32k-{c}-{k}-h12d64", 32 * K, c, k, hq=12, hkv=12, d=64, dense=True)
+      for c, k in ((2048, 3), (512, 12), (256, 24), (128, 48), (64, 96))),
+    *(Case(f"128k-{c}-{k}", 128 * K, c, k, dense=True) for c, k in ((4096, 12), (1024, 48), (512, 96), (128, 384))),
+]
+SWEEPS = {"op-speed": CASES, "equal-sparsity": EQUAL_SPARSITY}
 
 
 def moba_flops(seqlen: int, chunk: int, topk: int, heads: int, d: int) -> float:
@@ -110,7 +124,10 @@ def moba_variants(backend: str | None, backward: str):
     return [("moba", backend, "keep")] + [(label, backend, m) for label, m in modes[backward]]
 
 
-def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None = None, backward: str = "default"):
+def run_case(case: Case, d: int, reps: int, profile: bool, dense_done: dict, backend: str | None = None,
+             backward: str = "default"):
+    """Rows ``(method, fwd s, fwd+bwd s, peak bytes, FLOPs)``: MoBA's, then the dense baselines' where
+    ``dense_done`` (shape -> dense rows, filled here) holds none for this shape yet."""
     from moba_megatron.ops.varlen import get_backend
 
     torch.manual_seed(0)
@@ -137,7 +154,8 @@ def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None =
         except torch.OutOfMemoryError:
             rows.append((label, None, None, None, None))
         if profile and label == "moba":
-            from torch.profiler import ProfilerActivity, profile as prof
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
 
             with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
                 moba(q, k, v).backward(dout)
@@ -145,7 +163,9 @@ def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None =
             print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
         torch.cuda.empty_cache()
     impl.tiles_backward_min_chunk = keep
-    if case.dense:
+    shape = (t, case.hq, case.hkv, d)
+    first_dense = len(rows)
+    if case.dense and shape not in dense_done:
         baselines = [("cudnn", SDPBackend.CUDNN_ATTENTION)]
         if t <= 256 * K:  # FA2 is ~1.6x cuDNN here; past 256K it only costs device time
             baselines.append(("fa2", SDPBackend.FLASH_ATTENTION))
@@ -164,12 +184,14 @@ def run_case(case: Case, d: int, reps: int, profile: bool, backend: str | None =
             except torch.OutOfMemoryError:
                 rows.append((name, None, None, None, None))
             torch.cuda.empty_cache()
+        dense_done[shape] = rows[first_dense:]
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", help="case name(s); default: all")
+    parser.add_argument("--sweep", choices=list(SWEEPS), default="op-speed", help="which cases (default: op-speed)")
+    parser.add_argument("--case", action="append", help="case name(s) of the sweep; default: all of it")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of MoBA fwd+bwd")
@@ -178,16 +200,21 @@ def main():
                         help="also time MoBA with the routed backward forced to the Triton kernel or the tiles")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    cases = [c for c in CASES if not args.case or c.name in args.case]
+    sweep = SWEEPS[args.sweep]
+    unknown = sorted(set(args.case or []) - {c.name for c in sweep})
+    if unknown:
+        parser.error(f"--case {unknown} not in --sweep {args.sweep}: choose from {[c.name for c in sweep]}")
+    cases = [c for c in sweep if not args.case or c.name in args.case]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
           f"MoBA backend {args.backend or 'default'}; 'vs cuDNN': fwd+bwd time over cuDNN dense's, same run")
     header = (f"{'case':<22}{'method':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GB':>9}{'fwd TF/s':>10}"
               f"{'f+b TF/s':>10}{'vs cuDNN':>10}")
     print(header, flush=True)
-    results = []
+    results, dense_done = [], {}
     for case in cases:
-        rows = run_case(case, args.head_dim, args.reps, args.profile, args.backend, args.backward)
-        cudnn = next((r[2] for r in rows if r[0] == "cudnn" and r[2] is not None), None)
+        rows = run_case(case, args.head_dim, args.reps, args.profile, dense_done, args.backend, args.backward)
+        dense = dense_done.get((case.seqlen, case.hq, case.hkv, case.d or args.head_dim), [])
+        cudnn = next((r[2] for r in dense if r[0] == "cudnn" and r[2] is not None), None)
         for name, t_fwd, t_all, peak, flops in rows:
             if t_fwd is None:
                 print(f"{case.name:<22}{name:<10}{'out of memory':>30}")
@@ -198,13 +225,30 @@ def main():
                 f"{case.name:<22}{name:<10}{t_fwd * 1e3:>9.1f}{t_all * 1e3:>12.1f}{peak / 1e9:>9.2f}"
                 f"{flops / t_fwd / 1e12:>10.0f}{3.5 * flops / t_all / 1e12:>10.0f}{ratio:>10}", flush=True
             )
-            results.append(dict(case=case.name, method=name, fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_all * 1e3,
+            results.append(dict(case=case.name, method=name, seqlen=case.seqlen, chunk=case.chunk, topk=case.topk,
+                                heads=case.hq, kv_heads=case.hkv, head_dim=case.d or args.head_dim,
+                                fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_all * 1e3,
                                 peak_gb=peak / 1e9, fwd_tflops=flops / t_fwd / 1e12,
                                 fwd_bwd_tflops=3.5 * flops / t_all / 1e12,
                                 vs_cudnn=t_all / cudnn if cudnn else None))
+    if args.sweep == "equal-sparsity":
+        print_sweep(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), results=results), f, indent=1)
+            json.dump(dict(**provenance(), sweep=args.sweep, results=results), f, indent=1)
+
+
+def print_sweep(results: list[dict]) -> None:
+    """The equal-sparsity tables: MoBA's fwd+bwd over cuDNN dense's, one row per length."""
+    moba = [r for r in results if r["method"] == "moba" and not r.get("oom")]
+    for seqlen in sorted({r["seqlen"] for r in moba}):
+        row = [r for r in moba if r["seqlen"] == seqlen]
+        keys = row[0]["chunk"] * row[0]["topk"]
+        print(f"\n{seqlen // K}K, {row[0]['heads']} x {row[0]['head_dim']}, {keys} keys a query")
+        print("| block / top-k | " + " | ".join(f"{r['chunk']} / {r['topk']}" for r in row) + " |")
+        print("|---|" + "---|" * len(row))
+        ratios = [f"{r['vs_cudnn']:.2f}" if r["vs_cudnn"] else "-" for r in row]
+        print("| fwd+bwd vs cuDNN | " + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 FlashAttention-2: the same job, config and data, one after the other on the same GPU, one run.
 
 Each variant is ``moba-pretrain --config CONFIG`` for ``--iters`` steps with a log line per step;
-full attention is ``--moba-disable`` (its layers take the fastest dense kernel) and
+``--moba-chunk-size`` and ``--moba-topk`` set MoBA's blocks (default: the config's); full attention is
+``--moba-disable`` (its layers take the fastest dense kernel) and
 ``--moba-disable --attention-backend flash``. Prints every step's time and the steady state
 (median of the steps after ``--warmup``) and each variant's over full-on-cuDNN's.
 
     python benchmarks/bench_train.py --config configs/gpt-125m-32k.yaml --iters 40 -- --global-batch-size 2
+    python benchmarks/bench_train.py --config configs/gpt-125m-32k.yaml --moba-chunk-size 128 --moba-topk 48 \
+        --variants moba,full-cudnn -- --global-batch-size 2
     python benchmarks/bench_train.py --config configs/llama3-8b-2layer-1m.yaml --iters 12 -- \\
         --seq-length 131072 --tensor-model-parallel-size 1 --context-parallel-size 1
 """
@@ -20,6 +23,8 @@ import re
 import statistics
 import subprocess
 import sys
+
+from provenance import provenance  # this folder is on sys.path when the script runs
 
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \(ms\): ([\d.]+)")
 MEMORY = re.compile(r"max allocated: ([\d.]+)")
@@ -57,16 +62,24 @@ def main():
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     p.add_argument("--variants", default="moba,full-cudnn,full-fa2", help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--moba-chunk-size", type=int, help="MoBA's block size (default: the config's)")
+    p.add_argument("--moba-topk", type=int, help="MoBA's top-k (default: the config's)")
     p.add_argument("--logs", help="write each variant's full log into this folder")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("extra", nargs="*", help="flags for moba-pretrain (after --)")
     args = p.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants {unknown}: choose from {list(VARIANTS)}")
     if args.logs:
         os.makedirs(args.logs, exist_ok=True)
+    blocks = [*(["--moba-chunk-size", str(args.moba_chunk_size)] if args.moba_chunk_size else []),
+              *(["--moba-topk", str(args.moba_topk)] if args.moba_topk else [])]
     results = {}
     for name in args.variants.split(","):
         log = os.path.join(args.logs, f"{name}.log") if args.logs else None
-        steps, mem = run(args.config, args.iters, args.extra, VARIANTS[name], log)
+        flags = VARIANTS[name] if name.startswith("full") else [*VARIANTS[name], *blocks]
+        steps, mem = run(args.config, args.iters, args.extra, flags, log)
         times = [ms for i, ms in steps if i > args.warmup]
         results[name] = dict(steps=steps, steady_ms=statistics.median(times) if times else None, max_alloc_gib=mem)
         print(f"{name}: steps " + " ".join(f"{ms:.0f}" for _, ms in steps), flush=True)
@@ -79,7 +92,9 @@ def main():
         print(f"{name:<12}{r['steady_ms'] or float('nan'):>10.1f}{ratio:>15}{mem:>15}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(config=args.config, extra=args.extra, results=results), f, indent=1)
+            json.dump(dict(**provenance(), config=args.config, moba_chunk_size=args.moba_chunk_size,
+                           moba_topk=args.moba_topk, extra=args.extra, warmup=args.warmup, results=results),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The multi-GPU validation runs (benchmarks/RESULTS.md), in parts that each fit one device call (10 min):
+# The multi-GPU validation runs (benchmarks/RESULTS.md), in parts of at most 10 minutes each:
 #
 #   benchmarks/gpu_validation.sh OUTDIR cp4-bench       # 4 GPUs: bench_cp at CP 1, 2 and 4, both exchange modes
 #   benchmarks/gpu_validation.sh OUTDIR cp4-tests       # 4 GPUs: CP op vs single device at CP 2, CP 4 and TP 2 x CP 2
@@ -12,7 +12,7 @@
 #
 # Each writes OUTDIR/PART.log (cp4-bench also OUTDIR/cp.json); the job logs carry tokens/s, TFLOP/s
 # per GPU and rank 0's peak memory. Extra flags after PART go to the job or to bench_cp (full attention
-# at 1M on 4 H200s takes ~60 s a step: add --train-iters 5 to tp2cp2-full to finish inside 10 minutes).
+# at 1M on 4 H200s takes about a minute a step: add --train-iters 5 to tp2cp2-full to keep it short).
 set -euo pipefail
 parts="cp4-bench|cp4-tests|tp2cp2-correctness|tp2cp2-moba|tp2cp2-full|8gpu-correctness|8gpu-moba|8gpu-full"
 usage="usage: benchmarks/gpu_validation.sh OUTDIR $parts [flags]"

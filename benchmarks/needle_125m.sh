@@ -7,18 +7,13 @@
 #
 # moba is the config's MoBA; moba:512:8 the same model fine-tuned and evaluated with --moba-chunk-size 512
 # --moba-topk 8 (results in OUTDIR/moba-512-8); full is --moba-disable.
-# Why the stages (benchmarks/RESULTS.md, "GPU runs of the fourth session of 2026-12-02"): the models formed an
-# induction head (the loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8
-# needles, vocabulary 64, after 500-2000 steps of the 125M config; with vocabulary 2048, not in 3200.
-# A small CPU model regained retrieval within 150-300 steps after each 4-8x lengthening. The vocabulary
-# fixes the key range (the task takes max(pairs, (vocab - 3) // 8) keys), so every stage keeps 8 needles.
-# Run on one H200 (benchmarks/RESULTS.md, fourth session of 2026-12-03) as
+# Why the stages (benchmarks/RESULTS.md, "Retrieval quality"): the 125M model forms an induction head (the
+# loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8 needles, vocabulary 64, after
+# 500-2000 steps; with vocabulary 2048, not in 3200. Each 4-8x lengthening then regains retrieval within a
+# few hundred steps. The vocabulary fixes the key range (the task takes max(pairs, (vocab - 3) // 8) keys),
+# so every stage keeps 8 needles. The retrieval-quality table comes from
 #   CHECKS=0 PARALLEL=1 BASE_ITERS=2000 STAGE_ITERS=300 LONG_ITERS=200 benchmarks/needle_125m.sh OUT moba full
-# in 8.5 minutes: full attention retrieved in every cell up to 32K, MoBA 2048/3 lost the needles in the
-# middle from 8K on. (Runs before the --finetune fix of the third session trained each stage from the
-# initialization and lost retrieval at the first stage.) CHECKS=0 skips the check after each stage
-# (about 20 s each). On one H200 the base runs at about 62-87 ms a step; at 32K MoBA and full side by
-# side at about 710 and 1000 ms a step (full alone 477).
+# (8.5 minutes on one H200). CHECKS=0 skips the check after each stage (about 20 s each).
 # Step counts: BASE_ITERS (2000), STAGE_ITERS (300 at each stage), LONG_ITERS (200 at 32K). CONFIG, STAGES
 # and LENGTHS (of the needle grid) change the model, the lengthening and the grid (on CPU with CONFIG=configs/tiny-cpu.yaml).
 # PARALLEL=1 fine-tunes the variants at once on the one GPU (their step times then overlap).

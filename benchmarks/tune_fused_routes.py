@@ -13,10 +13,11 @@ import argparse
 
 import torch
 
-from bench_op import timed  # this folder is on sys.path when the script runs
 from moba_megatron import moba_attn_varlen
 from moba_megatron.ops.moba import fused_routes
 from moba_megatron.ops.varlen import get_backend
+
+from bench_op import timed  # this folder is on sys.path when the script runs
 
 SWEEPS = {
     "FORWARD_CONFIGS": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2)],

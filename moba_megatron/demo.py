@@ -121,12 +121,18 @@ def main(argv=None) -> None:
 
     (out, grads, _), (ref, ref_grads, _) = results["moba"], results["dense reference"]
     worst = max((a - b).abs().max().item() for a, b in zip([out, *grads], [ref, *ref_grads]))
-    print("  max |moba - reference|: " + ", ".join(
-        f"{n} {(a - b).abs().max().item():.1e}" for n, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads])
-    ))
+    print(
+        "  max |moba - reference|: "
+        + ", ".join(
+            f"{n} {(a - b).abs().max().item():.1e}"
+            for n, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads])
+        )
+    )
     print(f"  agreement: {'OK' if worst < 1e-4 else 'MISMATCH'} (tolerance 1e-4)")
     nb = -(-t // c)
-    attended = sum(min(b, topk - 1) * c * min(c, t - b * c) + min(c, t - b * c) * (min(c, t - b * c) + 1) // 2 for b in range(nb))
+    attended = sum(
+        min(b, topk - 1) * c * min(c, t - b * c) + min(c, t - b * c) * (min(c, t - b * c) + 1) // 2 for b in range(nb)
+    )
     print(f"  keys attended: {attended / (t * (t + 1) / 2):.1%} of causal attention\n")
     print(selection_picture(q, k, cfg))
     print(f"\nThe queries of the last quarter share a direction with block {needle}'s keys: column {needle} lights up.")

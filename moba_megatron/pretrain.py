@@ -11,15 +11,18 @@ from .training.quiet import SUMMARY, fused_paths_missing, hide_known_warnings
 
 hide_known_warnings()  # before megatron-core is first imported
 
+import os  # noqa: E402
+
 import torch.distributed as dist  # noqa: E402
 
 from .training import checkpoint  # noqa: E402
 from .training.arguments import parse_args
 from .training.data import DEFAULT_VOCAB, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
-from .training.tokenizer import build_tokenizer, padded_vocab_size
+from .training.errors import JobError
 from .training.loop import Logger, train
 from .training.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from .training.setup import build_model, check_batch, fail, init_distributed, transformer_config
+from .training.setup import build_model, check_args, init_distributed, transformer_config
+from .training.tokenizer import build_tokenizer, set_padded_vocab
 
 
 def build_data(args):
@@ -27,34 +30,33 @@ def build_data(args):
     try:
         valid_samples = args.eval_iters * args.global_batch_size
         if not args.data_path:
-            vocab = args.vocab_tokens = args.vocab_size or DEFAULT_VOCAB
-            task = SyntheticRetrieval(vocab, args.seq_length, args.seed, args.retrieval_pairs,
-                                      echoes=args.retrieval_echoes)
-            args.padded_vocab_size = padded_vocab_size(vocab, None, args.make_vocab_size_divisible_by,
-                                                       args.tensor_model_parallel_size)
+            set_padded_vocab(args, args.vocab_size or DEFAULT_VOCAB)
+            task = SyntheticRetrieval(args.vocab_tokens, args.seq_length, args.seed, args.retrieval_pairs)
             valid = SyntheticSplit(task, SyntheticSplit.VALID) if valid_samples else None
             return SyntheticSplit(task, SyntheticSplit.TRAIN), valid
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        args.vocab_tokens = max(tokenizer.vocab_size, args.vocab_size or 0)
-        args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.vocab_size, args.make_vocab_size_divisible_by,
-                                                   args.tensor_model_parallel_size, f"the {args.tokenizer_type}")
+        set_padded_vocab(args, tokenizer.vocab_size, f"the {args.tokenizer_type}")
         data = IndexedGPTData(args.data_path, tokenizer, args.seq_length, args.seed,
                               args.train_iters * args.global_batch_size, args.split, valid_samples)
         return data.train, data.valid
     except ValueError as e:
-        fail(str(e))
+        raise JobError(str(e)) from None
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        pretrain(args)
+    except JobError as e:
+        raise SystemExit(f"moba-pretrain: error: {e}") from None
+
+
+def pretrain(args) -> None:
+    """The job on torchrun's ranks (or one process) from its parsed flags."""
+    micro_batches = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     device = init_distributed(args)
     try:
-        micro_batches = check_batch(args)
         config = transformer_config(args, device)
-        if args.lr_warmup_iters and args.lr_warmup_iters >= args.train_iters:
-            fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
-        if args.seq_length % args.tensor_model_parallel_size and args.sequence_parallel:
-            fail(f"--seq-length {args.seq_length} must be divisible by --tensor-model-parallel-size with --sequence-parallel")
         data, valid = build_data(args)
         model = wrap_ddp(build_model(args, config, device), config, args)
         optimizer = build_optimizer(model, args, device)
@@ -67,7 +69,8 @@ def main(argv=None) -> None:
         world = dist.get_world_size()
         log(
             f"moba-pretrain: {world} rank(s) on {device} | TP {args.tensor_model_parallel_size} "
-            f"CP {args.context_parallel_size} DP {world // (args.tensor_model_parallel_size * args.context_parallel_size)} "
+            f"CP {args.context_parallel_size} "
+            f"DP {world // (args.tensor_model_parallel_size * args.context_parallel_size)} "
             f"| {sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size / 1e6:.2f}M parameters "
             f"| seq {args.seq_length}, MoBA block {args.moba_chunk_size} top-k {args.moba_topk}"
         )

@@ -29,9 +29,19 @@ def tiny_llama(folder, *, tied=False, llama3=False, seed=0):
     rope = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} if llama3 else {"rope_theta": 5000.0,
                                                                                             "rope_type": "default"}
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=512,
-                         tie_word_embeddings=tied, rope_parameters=rope)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        rope_parameters=rope,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1, so a swapped norm would show
         for name, p in model.named_parameters():
@@ -42,7 +52,7 @@ def tiny_llama(folder, *, tied=False, llama3=False, seed=0):
 
 
 def reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """DESIGN §1 as the dense masked reference, one row at a time (no padding)."""
+    """docs/semantics.md as the dense masked reference, one row at a time (no padding)."""
     b, hq, s, d = query.shape
     cu = torch.tensor([0, s], dtype=torch.int32)
     rows = [moba_attn_varlen_reference(query[r].transpose(0, 1), key[r].transpose(0, 1), value[r].transpose(0, 1), cu,
@@ -60,7 +70,7 @@ def llama(tmp_path_factory):
 def test_prefill_matches_the_dense_reference_and_handles_right_padding(llama):
     name = hf.register_moba(CHUNK, TOPK)
     AttentionInterface.register("moba_reference", reference_attention)
-    AttentionMaskInterface.register("moba_reference", hf._padding_mask)
+    AttentionMaskInterface.register("moba_reference", hf.attention._padding_mask)
     moba = LlamaForCausalLM.from_pretrained(llama, attn_implementation=name).eval()
     ref = LlamaForCausalLM.from_pretrained(llama, attn_implementation="moba_reference").eval()
     dense = LlamaForCausalLM.from_pretrained(llama, attn_implementation="eager").eval()
@@ -138,22 +148,26 @@ def test_round_trip_gives_identical_tensors(tmp_path, tp, pp, tied, llama3):
     assert sorted(before) == sorted(after)
     for key in before:
         assert torch.equal(before[key], after[key]), key
-    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((tmp_path / "in" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+        (tmp_path / "in" / "config.json").read_text()
+    )
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out")  # transformers takes it back
     assert reloaded.config.tie_word_embeddings == tied
 
 
 def test_bad_folders_name_the_problem(tmp_path, llama):
-    with pytest.raises(SystemExit, match="no such Hugging Face folder"):
+    with pytest.raises(ValueError, match="no such Hugging Face folder"):
         hf.read_llama_config(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"empty/config.json: cannot read the model config"):
+    with pytest.raises(ValueError, match=r"empty/config.json: cannot read the model config"):
         hf.read_llama_config(tmp_path / "empty")
     other = tmp_path / "gpt2"
     shutil.copytree(llama, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(SystemExit, match="is not Llama-family"):
+    (other / "config.json").write_text(
+        json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    with pytest.raises(ValueError, match="is not Llama-family"):
         hf.read_llama_config(other)
     (other / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     spawn_ranks(_load_only, 1, folder=str(other), out=str(tmp_path / "error.txt"))
@@ -165,7 +179,7 @@ def _load_only(rank, world, port, folder, out):
     init_parallel(rank, world, port)
     try:
         hf.load_llama(folder, moba_chunk_size=CHUNK, moba_topk=TOPK)
-    except SystemExit as e:
+    except ValueError as e:
         with open(out, "w") as f:
             f.write(str(e))
     finally:
@@ -182,13 +196,55 @@ def _load_bf16(rank, world, port, folder, out):
             unknown = "accepted"
         except TypeError as e:
             unknown = str(e)
-        torch.save((qkv.dtype, model.config.pipeline_dtype, model.embedding.word_embeddings.weight.detach(), unknown), out)
+        torch.save(
+            (qkv.dtype, model.config.pipeline_dtype, model.embedding.word_embeddings.weight.detach(), unknown), out
+        )
     finally:
         destroy_parallel()
 
 
+def _both_configs(rank, world, port, folder, out):
+    """The model config load_llama builds, and the job's from the flags hf-to-mcore writes."""
+    init_parallel(rank, world, port)
+    try:
+        import dataclasses
+
+        from moba_megatron.hf.llama import transformer_config as llama_config
+        from moba_megatron.training.arguments import parse_args
+        from moba_megatron.training.setup import transformer_config as job_config
+
+        config = hf.read_llama_config(folder)
+        flags = {
+            **hf.model_arguments(config),
+            "moba_chunk_size": CHUNK,
+            "moba_topk": TOPK,
+            "moba_full_attn_layers": [2],
+        }
+        argv = []
+        for name, value in flags.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not False:
+                argv += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        job = job_config(parse_args(argv), "cpu")
+        mine = llama_config(config, moba_chunk_size=CHUNK, moba_topk=TOPK, moba_full_attn_layers=[2])
+        fields = [f.name for f in dataclasses.fields(mine)]
+        torch.save({f: (repr(getattr(mine, f)), repr(getattr(job, f))) for f in fields}, out)
+    finally:
+        destroy_parallel()
+
+
+def test_load_llama_config_is_the_jobs(tmp_path):
+    """load_llama's config equals the job's for the flags it writes, so a converted model trains as it loaded."""
+    tiny_llama(tmp_path / "llama", llama3=True)
+    spawn_ranks(_both_configs, 1, folder=str(tmp_path / "llama"), out=str(tmp_path / "configs.pt"))
+    differ = {f: pair for f, pair in torch.load(tmp_path / "configs.pt").items() if pair[0] != pair[1]}
+    assert not differ, differ
+
+
 def test_config_overrides_reach_the_model(llama, tmp_path):
-    """``load_llama``'s keyword overrides are fields of the model config (DESIGN §8): bf16 weights."""
+    """``load_llama``'s keyword overrides are fields of the model config (docs/hf.md): bf16 weights."""
     spawn_ranks(_load_bf16, 1, folder=str(llama), out=str(tmp_path / "bf16.pt"))
     dtype, pipeline_dtype, embedding, unknown = torch.load(tmp_path / "bf16.pt")
     assert dtype == pipeline_dtype == embedding.dtype == torch.bfloat16
@@ -205,7 +261,7 @@ def test_convert_continue_training_at_tp2_and_export(tmp_path):
 
     from safetensors.torch import load_file
 
-    from tests.training.test_pretrain import ROOT, losses, pretrain
+    from tests.helpers.job import ROOT, losses, pretrain
 
     tiny_llama(tmp_path / "llama", llama3=True)
 

@@ -9,16 +9,15 @@ from argparse import Namespace
 
 import pytest
 
-
 from moba_megatron.eval.needle import PasskeyProbes, SyntheticProbes
 from moba_megatron.training.arguments import parse_args
 from moba_megatron.training.data import DEFAULT_VOCAB, KEY, QUERY, SyntheticRetrieval
-from tests.training.test_pretrain import ROOT, SMALL, bpe_tokenizer, pretrain
+from tests.helpers.job import ROOT, SMALL, bpe_tokenizer, pretrain
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_synthetic_probe_plants_the_needle_at_its_depth(depth):
-    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3, seq_length=64, retrieval_pairs=1, retrieval_echoes=0.0))
+    probes = SyntheticProbes(Namespace(vocab_size=None, seed=3, seq_length=64, retrieval_pairs=1))
     tokens, answer_at = probes.probe(7, 400, depth)
     assert tokens.shape == (401,) and answer_at == [399]
     at = 1 + round(depth * (401 - 7))
@@ -28,7 +27,9 @@ def test_synthetic_probe_plants_the_needle_at_its_depth(depth):
 
 def test_passkey_probe_asks_for_the_hidden_number(tmp_path):
     pytest.importorskip("transformers")
-    bpe_tokenizer(tmp_path / "tok", "the pass key is 12345 remember it what is the grass sky sun green blue yellow\n" * 20)
+    bpe_tokenizer(
+        tmp_path / "tok", "the pass key is 12345 remember it what is the grass sky sun green blue yellow\n" * 20
+    )
     probes = PasskeyProbes(Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tok"),
                                      vocab_size=None))
     tokens, answer_at = probes.probe(3, 300, 0.5)

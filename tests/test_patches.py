@@ -51,15 +51,32 @@ def test_config_patch_builds_a_moba_config_for_a_moba_spec(tmp_path):
     import torch
 
     from moba_megatron import MoBATransformerConfig
-    from moba_megatron.megatron import MoBAAttention
-    from moba_megatron.megatron import specs
+    from moba_megatron.megatron import MoBAAttention, specs
 
-    args_mod = patched_module(tmp_path, "megatron/training/arguments.py", PATCHES / "megatron-lm-core_r0.19-moba-args.patch")
-    utils = patched_module(tmp_path, "megatron/training/argument_utils.py", PATCHES / "megatron-lm-core_r0.19-moba-config.patch")
+    args_mod = patched_module(
+        tmp_path, "megatron/training/arguments.py", PATCHES / "megatron-lm-core_r0.19-moba-args.patch"
+    )
+    utils = patched_module(
+        tmp_path, "megatron/training/argument_utils.py", PATCHES / "megatron-lm-core_r0.19-moba-config.patch"
+    )
     parser = args_mod.add_megatron_arguments(argparse.ArgumentParser())
     common = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--no-rope-fusion"]
-    args = parser.parse_args(common + ["--attention-dropout", "0", "--moba-chunk-size", "128", "--moba-topk", "3",
-                                       "--moba-full-attn-layers", "2", "--spec", "moba_megatron.megatron.specs", "moba_layer_spec"])
+    args = parser.parse_args(
+        common
+        + [
+            "--attention-dropout",
+            "0",
+            "--moba-chunk-size",
+            "128",
+            "--moba-topk",
+            "3",
+            "--moba-full-attn-layers",
+            "2",
+            "--spec",
+            "moba_megatron.megatron.specs",
+            "moba_layer_spec",
+        ]
+    )
     args.params_dtype = torch.float32  # set by Megatron-LM's validate_args
     config = utils.core_transformer_config_from_args(args)
     assert isinstance(config, MoBATransformerConfig)
@@ -88,8 +105,12 @@ def test_upstream_argument_code_builds_the_moba_config(tmp_path, monkeypatch, sp
     command line patches/README.md documents."""
     from moba_megatron import MoBATransformerConfig
 
-    args_mod = patched_module(tmp_path, "megatron/training/arguments.py", PATCHES / "megatron-lm-core_r0.19-moba-args.patch")
-    utils = patched_module(tmp_path, "megatron/training/argument_utils.py", PATCHES / "megatron-lm-core_r0.19-moba-config.patch")
+    args_mod = patched_module(
+        tmp_path, "megatron/training/arguments.py", PATCHES / "megatron-lm-core_r0.19-moba-args.patch"
+    )
+    utils = patched_module(
+        tmp_path, "megatron/training/argument_utils.py", PATCHES / "megatron-lm-core_r0.19-moba-config.patch"
+    )
     moba = ["--spec", "moba_megatron.megatron.specs", spec_name, "--moba-chunk-size", "64", "--moba-topk", "3",
             "--moba-full-attn-layers", "2", "--moba-backend", "torch", "--moba-cp-comm", "allgather"]
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *UPSTREAM_ARGS, *moba])

@@ -1,4 +1,4 @@
-"""The README's "Continue training a Llama with MoBA at long context", run as written: its shell
+"""The Llama recipe (docs/recipe-llama.md), run as written: its shell
 block and its Python block, on CPU with a tiny random Llama (2 layers, vocab 512) and a BPE tokenizer
 trained here, through the installed console scripts and torchrun with 2 gloo ranks at TP=2; and once
 on a GPU at the 125M-class shape."""
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.test_pretrain import ROOT, VALIDATION, bpe_tokenizer
+from tests.helpers.job import ROOT, VALIDATION, bpe_tokenizer
 
 pytest.importorskip("transformers")
 
 
 def recipe_blocks() -> tuple[str, str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "recipe-llama.md").read_text()
     recipe = text[text.index("<!-- recipe -->") : text.index("<!-- end recipe -->")]
     (shell,) = re.findall(r"```bash\n(.*?)```", recipe, re.S)
     (python,) = re.findall(r"```python\n(.*?)```", recipe, re.S)
@@ -30,15 +30,25 @@ def run_recipe(tmp_path, llama: dict, env: dict) -> str:
     variables ``env``; returns the shell block's output."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sentences = [f"block {i % 7} routes query {i % 11} to key {(3 * i) % 13}; the pass key is {10000 + i}." for i in range(600)]
+    sentences = [
+        f"block {i % 7} routes query {i % 11} to key {(3 * i) % 13}; the pass key is {10000 + i}." for i in range(600)
+    ]
     folder = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(**llama, rope_parameters={"rope_theta": 5000.0, "rope_type": "default"})).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(**llama, rope_parameters={"rope_theta": 5000.0, "rope_type": "default"})
+    ).save_pretrained(folder)
     bpe_tokenizer(folder, "\n".join(sentences))  # the tokenizer beside the weights, as in a hub folder
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(sentences[i : i + 3])}) + "\n"
                                                    for i in range(0, 600, 3)))
     shell, python = recipe_blocks()
-    env = dict(os.environ, LLAMA=str(folder), CORPUS="corpus.jsonl", **env,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(
+        os.environ,
+        LLAMA=str(folder),
+        CORPUS="corpus.jsonl",
+        **env,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", shell], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

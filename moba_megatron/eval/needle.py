@@ -28,6 +28,8 @@ hide_known_warnings()  # before megatron-core is first imported
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from ..training.errors import JobError  # noqa: E402
+
 _FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 
@@ -72,8 +74,9 @@ class SyntheticProbes:
         from ..training.data import DEFAULT_VOCAB, SyntheticRetrieval
 
         # The training job's task (the same keys, values and filler rule); a probe takes its own length.
-        self.task = SyntheticRetrieval(args.vocab_size or DEFAULT_VOCAB, args.seq_length, args.seed, args.retrieval_pairs,
-                                       echoes=args.retrieval_echoes)
+        self.task = SyntheticRetrieval(
+            args.vocab_size or DEFAULT_VOCAB, args.seq_length, args.seed, args.retrieval_pairs
+        )
         self.tokens = self.task.vocab_size
 
     def probe(self, index: int, length: int, depth: float):
@@ -132,7 +135,7 @@ def _top_predictions(model, tokens: torch.Tensor, mine: torch.Tensor, answer_at:
 
 
 def _cp_positions(args, length: int, what: str, device: str) -> torch.Tensor:
-    """This CP rank's global positions of a ``length``-token input; SystemExit naming ``what`` where
+    """This CP rank's global positions of a ``length``-token input; a JobError naming ``what`` where
     the length does not split into whole MoBA blocks per CP chunk."""
     from megatron.core import parallel_state
 
@@ -143,7 +146,7 @@ def _cp_positions(args, length: int, what: str, device: str) -> torch.Tensor:
         try:
             check_cp_split(length, cp, args.moba_chunk_size)
         except ValueError as e:
-            raise SystemExit(f"needle: error: {what}: {e}")
+            raise JobError(f"{what}: {e}") from None
     return local_positions(length, cp, parallel_state.get_context_parallel_rank(), device)
 
 
@@ -191,7 +194,9 @@ def evaluate(args, model, probes, device: str) -> list[dict]:
                 hits += float(held[0] == 0 and held[1] == len(answer_at))
             results.append({"length": length, "depth": depth, "accuracy": float(hits) / args.samples})
             if dist.get_rank() == 0:
-                print(f"needle: length {length:>8} depth {depth:.2f} accuracy {results[-1]['accuracy']:.2f}", flush=True)
+                print(
+                    f"needle: length {length:>8} depth {depth:.2f} accuracy {results[-1]['accuracy']:.2f}", flush=True
+                )
     return results
 
 
@@ -206,7 +211,9 @@ def heatmap(results: list[dict], path: Path, title: str) -> bool:
         return False
     lengths = sorted({r["length"] for r in results})
     depths = sorted({r["depth"] for r in results})
-    grid = [[next(r["accuracy"] for r in results if r["length"] == n and r["depth"] == d) for n in lengths] for d in depths]
+    grid = [
+        [next(r["accuracy"] for r in results if r["length"] == n and r["depth"] == d) for n in lengths] for d in depths
+    ]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.55 * len(depths)))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
@@ -225,23 +232,33 @@ def heatmap(results: list[dict], path: Path, title: str) -> bool:
 
 
 def main(argv=None) -> None:
+    args = parse(argv)
+    try:
+        run(args)
+    except JobError as e:
+        raise SystemExit(f"needle: error: {e}") from None
+
+
+def run(args) -> None:
+    """The needle grid (and ``--token-losses``) of ``args.load`` on torchrun's ranks."""
+    import os
+
     from megatron.core import parallel_state
 
     from ..training import checkpoint
-    from ..training.setup import build_model, fail, init_distributed, transformer_config
-    from ..training.tokenizer import padded_vocab_size
+    from ..training.setup import build_model, check_layout, init_distributed, transformer_config
+    from ..training.tokenizer import set_padded_vocab
 
-    args = parse(argv)
     if args.pipeline_model_parallel_size != 1:
-        raise SystemExit("needle: error: the needle eval runs at --pipeline-model-parallel-size 1")
+        raise JobError("the needle eval runs at --pipeline-model-parallel-size 1")
+    check_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
     device = init_distributed(args)
     try:
-        probes = PasskeyProbes(args) if args.tokenizer_model else SyntheticProbes(args)
         try:
-            args.padded_vocab_size = padded_vocab_size(probes.tokens, args.vocab_size, args.make_vocab_size_divisible_by,
-                                                       args.tensor_model_parallel_size)
-        except ValueError as e:
-            fail(str(e))
+            probes = PasskeyProbes(args) if args.tokenizer_model else SyntheticProbes(args)
+            set_padded_vocab(args, probes.tokens)
+        except ValueError as e:  # a tokenizer or vocabulary the probes cannot use
+            raise JobError(str(e)) from None
         model = build_model(args, transformer_config(args, device), device)
         loaded = checkpoint.load_weights(args.load, model)
         model.eval()

@@ -69,7 +69,7 @@ class MoBAAttention(MegatronModule):
 
     def _backend(self, full: bool) -> str | None:
         """MoBA layers: ``moba_backend``. Full attention: the fastest dense kernel there is (None picks
-        it: cuDNN on GPUs), whatever ``moba_backend`` says (DESIGN §7), unless Megatron's
+        it: cuDNN on GPUs), whatever ``moba_backend`` says (docs/speed.md), unless Megatron's
         ``attention_backend`` names one (flash: FlashAttention-2; fused: cuDNN)."""
         if not full:
             return self.config.moba_backend

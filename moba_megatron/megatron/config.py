@@ -38,7 +38,11 @@ class MoBATransformerConfig(TransformerConfig):
         _check_int("moba_chunk_size", self.moba_chunk_size, 1)
         _check_int("moba_topk", self.moba_topk, 1)
         self.moba_full_attn_layers = list(self.moba_full_attn_layers or [])
-        bad = [n for n in self.moba_full_attn_layers if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers]
+        bad = [
+            n
+            for n in self.moba_full_attn_layers
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers
+        ]
         if bad:
             raise ValueError(
                 f"moba_full_attn_layers must hold 1-based layer numbers in 1..{self.num_layers} "

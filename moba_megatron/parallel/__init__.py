@@ -1,7 +1,7 @@
 """Context-parallel building blocks (torch.distributed only, no model code).
 
 MoBA under context parallelism keeps KV blocks where Megatron's load-balanced sharding put them and
-exchanges only what gating and attention need (``../shared/DESIGN.md`` §6): sharding.py says which
+exchanges only what gating and attention need (docs/context-parallel.md): sharding.py says which
 tokens and blocks a rank holds, exchange.py holds the collectives, cost.py the byte count that picks
 the exchange mode, and attention.py the context-parallel op ``moba_attn_cp`` built on them.
 """

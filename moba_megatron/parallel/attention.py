@@ -1,4 +1,4 @@
-"""MoBA under context parallelism (DESIGN §6).
+"""MoBA under context parallelism (docs/context-parallel.md).
 
 Every rank holds Megatron's load-balanced share of each sequence (chunks ``r`` and ``2cp-1-r``), and
 chunks hold whole MoBA blocks, so the own-block causal attention is purely local. Gating needs every
@@ -91,7 +91,9 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             sent = sums.numel() // cp * sums.element_size() * (cp - 1)
             sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
             if mode == "allgather":
-                ctx.routes = route_selection(shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2])
+                ctx.routes = route_selection(
+                    shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2]
+                )
                 del sel
                 if not (kernels.fused and kernels.fused_backward):
                     ctx.routes.start_host_copy()
@@ -177,14 +179,14 @@ def _routed_forward(ctx, q, k, v, out, lse, sel, shard: ShardBlocks, slots, scal
         sent += n1 + n2 + n3 + n4
         work += n
     routed.merge(out, lse, 0, hq, grid_out, grid_lse, slots, kernels.fused)
-    ctx.rows, ctx.slots = rows, slots
+    ctx.rows = rows
     return sent, work
 
 
 def _routed_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv):
     """The routed exchange's backward: q, dO, O and LSE rows out again, dq rows back; the owners'
     K/V gradients stay on them."""
-    shard, scale, backend, rows, slots = ctx.shard, ctx.scale, ctx.backend, ctx.rows, ctx.slots
+    shard, scale, backend, rows = ctx.shard, ctx.scale, ctx.backend, ctx.rows
     t, hq, d = q.shape
     keys = routed.KeyBlocks(k, v, shard.local)
     dk_acc, dv_acc = dk.float(), dv.float()
@@ -255,7 +257,8 @@ def moba_attn_cp(
             sample after sample.
         batch, seq_len: samples and their full (unsharded) length; all samples have this length.
         group: the context-parallel process group (None: the default group).
-        comm: ``"routed"``, ``"allgather"`` or ``"auto"`` (fewer bytes by DESIGN §6's count).
+        comm: ``"routed"``, ``"allgather"`` or ``"auto"`` (the one that sends fewer bytes,
+            docs/context-parallel.md).
         stats: if given, bytes sent to other ranks and rows attended are added to it.
     """
     check_qkv(q, k, v)

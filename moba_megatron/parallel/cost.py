@@ -1,5 +1,5 @@
-"""Bytes each rank sends per layer in the forward, by context-parallel exchange mode (DESIGN §6),
-and the ``moba_cp_comm="auto"`` choice made from them."""
+"""Bytes each rank sends per layer in the forward, by context-parallel exchange mode, and the
+``moba_cp_comm="auto"`` choice made from them (docs/context-parallel.md)."""
 
 from __future__ import annotations
 

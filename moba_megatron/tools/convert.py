@@ -73,7 +73,9 @@ def hf_to_mcore(args) -> None:
             if (hf_dir / name).is_file():
                 shutil.copy(hf_dir / name, save / TOKENIZER / name)
         fields.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str((save / TOKENIZER).resolve()))
-    (save / MODEL_CONFIG).write_text(f"# moba-convert hf-to-mcore --hf-dir {args.hf_dir}\n" + yaml.safe_dump(fields, sort_keys=False))
+    (save / MODEL_CONFIG).write_text(
+        f"# moba-convert hf-to-mcore --hf-dir {args.hf_dir}\n" + yaml.safe_dump(fields, sort_keys=False)
+    )
     (save / HF_CONFIG).write_text(json.dumps(config, indent=2))
     print(f"wrote {save}/release (weights), {save}/{MODEL_CONFIG}, {save}/{HF_CONFIG}")
 
@@ -83,20 +85,20 @@ def mcore_to_hf(args) -> None:
     from ..training import checkpoint
     from ..training.arguments import parse_args
     from ..training.setup import build_model, transformer_config
-    from ..training.tokenizer import padded_vocab_size
+    from ..training.tokenizer import set_padded_vocab
 
     load = Path(args.load)
     config_path = Path(args.config) if args.config else load / MODEL_CONFIG
     for path, what in ((config_path, "--config"), (load / HF_CONFIG, "the Hugging Face config")):
         if not path.is_file():
-            raise SystemExit(f"moba-convert: error: {path}: no such file ({what}; written by hf-to-mcore, "
+            raise ValueError(f"{path}: no such file ({what}; written by hf-to-mcore, "
                              "carried by moba-pretrain into its --save folder)")
-    _single_process()
     job = parse_args(["--config", str(config_path)])
     if job.rotary_percent != 1.0:
-        raise SystemExit(f"moba-convert: error: {config_path}: rotary_percent {job.rotary_percent}; a Llama turns "
-                         "every head dim by RoPE, so this model has no Llama form (train it with rotary_percent 1)")
-    job.padded_vocab_size = padded_vocab_size(job.vocab_size, None, job.make_vocab_size_divisible_by, 1)
+        raise ValueError(f"{config_path}: rotary_percent {job.rotary_percent}; a Llama turns every head dim by "
+                         "RoPE, so this model has no Llama form (train it with rotary_percent 1)")
+    _single_process()
+    set_padded_vocab(job, job.vocab_size)
     model = build_model(job, transformer_config(job, "cpu"), "cpu")
     iteration = checkpoint.load_weights(str(load), model)
     hf_config = json.loads((load / HF_CONFIG).read_text())
@@ -127,7 +129,10 @@ def main(argv=None) -> None:
     from ..training.quiet import hide_known_warnings
 
     hide_known_warnings()
-    (hf_to_mcore if args.command == "hf-to-mcore" else mcore_to_hf)(args)
+    try:
+        (hf_to_mcore if args.command == "hf-to-mcore" else mcore_to_hf)(args)
+    except ValueError as e:  # a bad folder, config or checkpoint: one line, as argparse reports bad flags
+        parser.exit(2, f"moba-convert: error: {e}\n")
 
 
 if __name__ == "__main__":

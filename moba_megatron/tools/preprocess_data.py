@@ -114,7 +114,7 @@ def preprocess(input_path: Path, output_prefix: str, keys: list[str], tokenizer_
     try:
         for number, ids, nbytes in results:
             if isinstance(ids, str):
-                raise SystemExit(f"{input_path}:{number}: {ids}")
+                raise ValueError(f"{input_path}:{number}: {ids}")
             for key, doc in ids.items():
                 if doc:
                     builders[key].add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
@@ -125,7 +125,7 @@ def preprocess(input_path: Path, output_prefix: str, keys: list[str], tokenizer_
         if pool is not None:
             pool.terminate()
     if not any(counts.values()):
-        raise SystemExit(f"{input_path}: no documents")
+        raise ValueError(f"{input_path}: no documents")
     for key, name in names.items():
         builders[key].finalize(f"{name}.idx")
     return counts
@@ -145,7 +145,9 @@ def main(argv=None) -> None:
     group.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin/.idx")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    group.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines (without tqdm)")
+    group.add_argument(
+        "--log-interval", type=int, default=10000, help="documents between progress lines (without tqdm)"
+    )
     args = parser.parse_args(argv)
     if not args.input.is_file():
         parser.error(f"--input {args.input}: no such file")

@@ -13,7 +13,9 @@ from .tokenizer import TOKENIZER_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core.")
+    p = argparse.ArgumentParser(
+        prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core."
+    )
     p.add_argument("--config", type=Path, help="YAML of defaults (keys: flag names with underscores)")
 
     g = p.add_argument_group("model")
@@ -81,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 mixed precision (GPU)")
-    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False, help="shard optimizer state over data parallel ranks (GPU)")
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="shard optimizer state over data parallel ranks (GPU)",
+    )
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")
@@ -96,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=1000, help="iterations between validations")
     g.add_argument("--eval-iters", type=int, default=100,
                    help="global batches per validation (0: none); a last validation runs after training")
-    g.add_argument("--retrieval-pairs", type=int, default=1, help="synthetic data: key/value needles per sequence, each asked at its end")
-    g.add_argument("--retrieval-echoes", type=float, default=0.0,
-                   help="synthetic data: fraction of the filler in random spans shown twice (rewards copying "
-                        "from context, which the needles need)")
+    g.add_argument(
+        "--retrieval-pairs",
+        type=int,
+        default=1,
+        help="synthetic data: key/value needles per sequence, each asked at its end",
+    )
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=10)
@@ -109,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="checkpoint directory to resume from (none there yet: start)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: the weights only; iteration 0, a fresh optimizer and schedule")
-    g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after iterations divisible by this")
-    g.add_argument("--exit-signal-handler", action="store_true",
-                   help="on SIGTERM, every rank finishes its step, a checkpoint is saved (with --save) and the job exits 0")
+    g.add_argument(
+        "--exit-interval", type=int, default=None, help="save (with --save) and exit after iterations divisible by this"
+    )
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM, every rank finishes its step, a checkpoint is saved (with --save) and the job exits 0",
+    )
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save (with --save) and exit 0 once the job has run this long")
     g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .errors import JobError
+
 LATEST = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 
@@ -39,7 +41,10 @@ def _sharded(model, optimizer, loading: bool) -> dict:
     # The distributed optimizer's one format that reshards over TP as well as DP (its default,
     # fully_sharded_model_space, is refused by dist_checkpointing 0.19); other optimizers ignore it.
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
-    return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata)}
+    return {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=metadata),
+    }
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -121,7 +126,7 @@ def _tracked(directory: str) -> str | None:
         return None
     text = tracker.read_text().strip()
     if not (text.isdigit() or text == RELEASE):
-        raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} holds {text!r}, not an iteration")
+        raise JobError(f"--load {directory}: {LATEST} holds {text!r}, not an iteration")
     return text
 
 
@@ -144,7 +149,7 @@ def latest_iteration(directory: str) -> int | None:
 def _existing(directory: str, tracked: str) -> Path:
     path = checkpoint_path(directory, tracked)
     if not path.is_dir():
-        raise SystemExit(f"moba-pretrain: error: --load {directory}: {LATEST} names {tracked}, but {path} is missing")
+        raise JobError(f"--load {directory}: {LATEST} names {tracked}, but {path} is missing")
     return path
 
 
@@ -171,7 +176,7 @@ def load_weights(directory: str, model) -> int:
 
     tracked = _tracked(directory)
     if tracked is None:
-        raise SystemExit(f"moba-pretrain: error: --load {directory} --finetune: no checkpoint there ({LATEST} missing)")
+        raise JobError(f"--load {directory} --finetune: no checkpoint there ({LATEST} missing)")
     module = getattr(model, "module", model)  # the job's DDP wrapper, or a bare model
     state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(_existing(directory, tracked)))
     module.load_state_dict(state["model"])

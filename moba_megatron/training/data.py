@@ -8,10 +8,6 @@ Each sequence is filler from a fixed noisy bigram rule (learnable, so the loss f
 whole sequence back, so training meets every distance the needle eval asks about, and MoBA's routing
 matters for the far ones. More pairs give more retrieval targets a step (a denser signal to learn from).
 
-With ``echoes`` a fraction of the filler is random spans shown twice, at random span-aligned places
-(their distance a multiple of ``ECHO_SPAN``): text-like repetition that only copying from context
-predicts, meant to reward that copying (an induction head) on many more tokens than the needles
-give. In the runs so far it did not make models answer the needles (benchmarks/RESULTS.md).
 Sample ``i`` is a pure function of (seed, i), whatever batch it is drawn in, so any rank can produce
 any sample and a resumed run sees exactly the data it would have seen.
 """
@@ -26,7 +22,6 @@ import torch
 BOS, KEY, QUERY = 0, 1, 2
 FIRST_FILLER = 3
 DEFAULT_VOCAB = 256  # the synthetic task's vocabulary without --vocab-size
-ECHO_SPAN = 32  # tokens of each repeated span of --retrieval-echoes
 
 
 MASK32 = 2**32 - 1
@@ -49,10 +44,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 class _Draws:
     """Random draws for a batch of samples, counter-based: draw ``what`` of a sample at place ``i`` is
     a hash of (the sample's seed, what, i). So a whole batch is a few tensor ops (a generator per
-    sample cost about 0.4 ms, which bounded short-sequence training), and a sample does not depend on
-    the batch it is drawn in."""
+    sample bounded short-sequence training), and a sample does not depend on the batch it is drawn in."""
 
-    NOISE, RESTART, ECHO_PLACES, ECHO_TOKENS, KEYS, VALUES, SLOTS, ASKED, QUESTIONS = range(1, 10)
+    # Stream ids 3 and 4 are retired (they drew repeated filler spans); the others keep their ids so
+    # every sample stays the same.
+    NOISE, RESTART = 1, 2
+    KEYS, VALUES, SLOTS, ASKED, QUESTIONS = range(5, 10)
 
     def __init__(self, seeds: torch.Tensor):
         self.seeds = _mix32(seeds.long() & MASK32)[:, None]
@@ -83,8 +80,7 @@ class SyntheticRetrieval:
 
     NEEDLE_STREAM = 2
 
-    def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1,
-                 echoes: float = 0.0):
+    def __init__(self, vocab_size: int, seq_length: int, seed: int, pairs: int = 1, noise: float = 0.1):
         self.keys = max(pairs, (vocab_size - FIRST_FILLER) // 8)
         if vocab_size < FIRST_FILLER + 8 or vocab_size - FIRST_FILLER - self.keys < 4:
             need = max(FIRST_FILLER + 8, FIRST_FILLER + pairs + 4)
@@ -92,10 +88,7 @@ class SyntheticRetrieval:
                              f"{pairs}, got {vocab_size}")
         if seq_length < 8 + 6 * pairs:
             raise ValueError(f"--seq-length {seq_length} is too short for {pairs} retrieval pair(s)")
-        if not 0.0 <= echoes < 1.0:
-            raise ValueError(f"--retrieval-echoes is the fraction of filler in repeated spans, in [0, 1); got {echoes}")
         self.vocab_size, self.seq_length, self.seed, self.pairs, self.noise = vocab_size, seq_length, seed, pairs, noise
-        self.echoes = echoes
         self.first_filler = FIRST_FILLER + self.keys
         self.fillers = vocab_size - self.first_filler
         g = torch.Generator().manual_seed(seed)
@@ -152,15 +145,6 @@ class SyntheticRetrieval:
         start = self.position[random_tokens.gather(1, last_reset)]
         tokens = self.cycle[(start + steps - last_reset) % self.fillers]
         tokens[:, 0] = BOS
-        spans = min(round(self.echoes * n) // (2 * ECHO_SPAN), (n - 1) // ECHO_SPAN // 2)
-        if spans:
-            # each span at two distinct span-aligned places, the first showing earlier
-            places = draws.permutations(draws.ECHO_PLACES, (n - 1) // ECHO_SPAN)[:, : 2 * spans]
-            places = places.view(-1, spans, 2).sort(-1).values
-            at = 1 + places[..., None] * ECHO_SPAN + torch.arange(ECHO_SPAN)  # [samples, spans, 2, ECHO_SPAN]
-            content = self.first_filler + draws.integers(draws.ECHO_TOKENS, spans * ECHO_SPAN, self.fillers)
-            content = content.view(-1, spans, 1, ECHO_SPAN).expand_as(at)
-            tokens.scatter_(1, at.flatten(1), content.flatten(1))
         return tokens
 
     def needle(self, index: int, length: int, depth: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
+from .errors import JobError
 
 
 def flops_per_token(args, config) -> float:
@@ -20,7 +21,9 @@ def flops_per_token(args, config) -> float:
     kv = h * config.num_query_groups // args.num_attention_heads
     per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * (3 if args.swiglu else 2) * h * config.ffn_hidden_size
     c, k = args.moba_chunk_size, args.moba_topk
-    moba_keys = sum(min(c, s - b * c) * ((min(c, s - b * c) + 1) / 2 + min(b, k - 1) * c) for b in range(-(-s // c))) / s
+    moba_keys = (
+        sum(min(c, s - b * c) * ((min(c, s - b * c) + 1) / 2 + min(b, k - 1) * c) for b in range(-(-s // c))) / s
+    )
     full_keys = (s + 1) / 2
     attention = sum(
         4 * h * (full_keys if (not args.moba_enabled or n in args.moba_full_attn_layers) else moba_keys)
@@ -69,7 +72,7 @@ def check_finite(args, iteration: int, loss: float, grad_norm) -> None:
     for name, value in (("lm loss", loss), ("grad norm", grad_norm)):
         if value is not None and not math.isfinite(float(value)):
             kept = f"; the last checkpoint in {args.save} is kept" if args.save else ""
-            raise SystemExit(f"moba-pretrain: error: iteration {iteration}: {name} is {float(value)} "
+            raise JobError(f"iteration {iteration}: {name} is {float(value)} "
                              f"(not finite); stopped before saving{kept}")
 
 
@@ -84,7 +87,7 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit("moba-pretrain: error: --tensorboard-dir needs the tensorboard package (pip install tensorboard)")
+                raise JobError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
             self.writer = SummaryWriter(args.tensorboard_dir)
 
     def __call__(self, message: str) -> None:
@@ -114,7 +117,8 @@ class Logger:
         self(
             f"[Rank {dist.get_rank()}] (after {iteration} iterations) memory (MB) | allocated: "
             f"{torch.cuda.memory_allocated() / mb:.1f} | max allocated: {torch.cuda.max_memory_allocated() / mb:.1f} "
-            f"| reserved: {torch.cuda.memory_reserved() / mb:.1f} | max reserved: {torch.cuda.max_memory_reserved() / mb:.1f}"
+            f"| reserved: {torch.cuda.memory_reserved() / mb:.1f} "
+            f"| max reserved: {torch.cuda.max_memory_reserved() / mb:.1f}"
         )
 
     def step(self, iteration, loss, grad_norm, lr, seconds) -> None:
@@ -128,7 +132,12 @@ class Logger:
             f"| tokens/s: {tokens / seconds:.0f} | TFLOP/s per GPU: {tflops:.2f} |"
         )
         if self.writer is not None:
-            for name, value in (("lm loss", loss), ("grad norm", grad_norm), ("learning rate", lr), ("tokens per second", tokens / seconds)):
+            for name, value in (
+                ("lm loss", loss),
+                ("grad norm", grad_norm),
+                ("learning rate", lr),
+                ("tokens per second", tokens / seconds),
+            ):
                 self.writer.add_scalar(name, value, iteration)
             self.writer.flush()
 
@@ -198,7 +207,9 @@ def evaluate(args, model, valid, positions, mine, micro_batches: int, device: st
     total = 0.0
     with torch.no_grad():
         for i in range(args.eval_iters):
-            total += _global_mean(step(iter(_micro_batches(args, valid, i * args.global_batch_size, micro_batches, mine, device))))
+            total += _global_mean(
+                step(iter(_micro_batches(args, valid, i * args.global_batch_size, micro_batches, mine, device)))
+            )
     model.train()
     return total / args.eval_iters
 
@@ -212,7 +223,9 @@ def train(args, model, optimizer, scheduler, data, valid, start: int, micro_batc
     # This rank's share of every sequence under context parallelism (all positions at CP=1). Every
     # CP rank holds as many tokens, so each averages its own and DDP's average over the
     # data-and-context-parallel ranks gives the global mean's gradient.
-    mine = local_positions(args.seq_length, args.context_parallel_size, parallel_state.get_context_parallel_rank(), device)
+    mine = local_positions(
+        args.seq_length, args.context_parallel_size, parallel_state.get_context_parallel_rank(), device
+    )
     positions = mine[None].expand(args.micro_batch_size, -1)
     model.train()
     step = forward_backward_func(args, model, positions, micro_batches)
@@ -243,7 +256,9 @@ def train(args, model, optimizer, scheduler, data, valid, start: int, micro_batc
         if args.check_for_nan_in_loss_and_grad:
             check_finite(args, iteration, loss, grad_norm)
         stop = stopper.reason(iteration)
-        if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop or iteration == args.train_iters):
+        if args.save and (
+            (args.save_interval and iteration % args.save_interval == 0) or stop or iteration == args.train_iters
+        ):
             checkpoint.save(args.save, iteration, model, optimizer, scheduler)
             log(f"saved checkpoint at iteration {iteration} to {args.save}")
             window_start = time.perf_counter()  # saving time is not step time

@@ -30,7 +30,10 @@ class CpuAdamW:
         decay = [p for p in self.params if p.dim() > 1]
         no_decay = [p for p in self.params if p.dim() <= 1]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}],
+            [
+                {"params": decay, "weight_decay": args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+            ],
             lr=args.lr,
             betas=(args.adam_beta1, args.adam_beta2),
         )

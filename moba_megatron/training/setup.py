@@ -8,40 +8,67 @@ import torch
 import torch.distributed as dist
 
 from ..megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
-from ..megatron.model import build_gpt_model
 from ..megatron.cpu import enable_cpu_shims, sequence_parallel_block
+from ..megatron.model import build_gpt_model
 from ..parallel import check_cp_split
+from .errors import JobError
 
 
-def fail(message: str) -> None:
-    raise SystemExit(f"moba-pretrain: error: {message}")
+def check_layout(args, world_size: int) -> None:
+    """The parallel layout's checks, before any process group starts: a JobError naming the flags."""
+    tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * cp * pp) != 0:
+        raise JobError(
+            f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} x --pipeline-model-parallel-size {pp} "
+            f"= {tp * cp * pp} does not divide the world size {world_size}"
+        )
+    if args.num_layers % pp:
+        raise JobError(
+            f"--num-layers {args.num_layers} does not split into --pipeline-model-parallel-size {pp} equal stages"
+        )
+    if cp > 1:
+        try:
+            check_cp_split(args.seq_length, cp, args.moba_chunk_size)
+        except ValueError as e:
+            raise JobError(f"--seq-length {args.seq_length} does not split into MoBA blocks at --context-parallel-size "
+                           f"{cp}: {e}") from None
+    if args.bf16 and not torch.cuda.is_available():
+        raise JobError("--bf16 needs GPUs; the CPU run trains in fp32")
+
+
+def check_args(args, world_size: int) -> int:
+    """Every check of the training job's flags that needs no process group (``check_layout``, the
+    batch, the schedule): a JobError naming the flags and the fix. Fills in --global-batch-size;
+    returns the micro batches per step."""
+    check_layout(args, world_size)
+    tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
+    dp = world_size // (tp * cp * pp)
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step != 0:
+        raise JobError(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch "
+                       f"{args.micro_batch_size} x data parallel {dp}")
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.train_iters:
+        raise JobError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
+    if args.seq_length % tp and args.sequence_parallel:
+        raise JobError(f"--seq-length {args.seq_length} must be divisible by --tensor-model-parallel-size with "
+                       "--sequence-parallel")
+    return args.global_batch_size // per_step
 
 
 def init_distributed(args) -> str:
-    """torchrun's environment (or a single process) -> process groups; returns the device type."""
+    """torchrun's environment (or a single process) -> process groups; returns the device type.
+    The flags must have passed ``check_layout``."""
     from megatron.core import parallel_state, tensor_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
-    if world % (tp * cp * pp) != 0:
-        fail(
-            f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} x --pipeline-model-parallel-size {pp} "
-            f"= {tp * cp * pp} does not divide the world size {world}"
-        )
     if args.sequence_parallel and tp == 1:  # as Megatron-LM: a config written for TP runs at TP 1 too
         if rank == 0:
             print("moba-pretrain: sequence parallelism disabled: --tensor-model-parallel-size is 1", flush=True)
         args.sequence_parallel = False
-    if args.num_layers % pp:
-        fail(f"--num-layers {args.num_layers} does not split into --pipeline-model-parallel-size {pp} equal stages")
-    if cp > 1:
-        try:
-            check_cp_split(args.seq_length, cp, args.moba_chunk_size)
-        except ValueError as e:
-            fail(f"--seq-length {args.seq_length} does not split into MoBA blocks at --context-parallel-size {cp}: {e}")
-    if args.bf16 and not torch.cuda.is_available():
-        fail("--bf16 needs GPUs; the CPU run trains in fp32")
     device = default_device()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -67,19 +94,6 @@ def _rendezvous_store(rank: int, world: int):
     store, _, _ = next(dist.rendezvous("env://", rank, world))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"moba_megatron/attempt_{attempt}", store)
-
-
-def check_batch(args) -> int:
-    """Fills in --global-batch-size; returns the number of micro batches per step."""
-    from megatron.core import parallel_state
-
-    dp = parallel_state.get_data_parallel_world_size()
-    per_step = args.micro_batch_size * dp
-    if args.global_batch_size is None:
-        args.global_batch_size = per_step
-    if args.global_batch_size % per_step != 0:
-        fail(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch {args.micro_batch_size} x data parallel {dp}")
-    return args.global_batch_size // per_step
 
 
 def default_device() -> str:
@@ -129,7 +143,7 @@ def transformer_config(args, device: str | None = None) -> MoBATransformerConfig
             **_recompute(args),
         )
     except (ValueError, AssertionError) as e:
-        fail(str(e))
+        raise JobError(str(e)) from None
 
 
 def _recompute(args) -> dict:
@@ -137,7 +151,7 @@ def _recompute(args) -> dict:
     if args.recompute_granularity != "full":
         for flag in ("recompute_method", "recompute_num_layers"):
             if getattr(args, flag) is not None:
-                fail(f"--{flag.replace('_', '-')} applies to --recompute-granularity full only")
+                raise JobError(f"--{flag.replace('_', '-')} applies to --recompute-granularity full only")
         return {"recompute_granularity": args.recompute_granularity}
     return {
         "recompute_granularity": "full",

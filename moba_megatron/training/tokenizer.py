@@ -33,7 +33,9 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size (its ids are the text's numbers)")
         return MegatronTokenizer.from_pretrained(metadata_path={"library": "null-text"}, vocab_size=vocab_size)
     if tokenizer_model is None:
-        raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR, a local folder with tokenizer.json")
+        raise ValueError(
+            "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR, a local folder with tokenizer.json"
+        )
     folder = Path(tokenizer_model)
     if not folder.is_dir():
         raise ValueError(f"--tokenizer-model {tokenizer_model}: no such folder")
@@ -57,3 +59,11 @@ def padded_vocab_size(tokens: int, vocab_size: int | None, divisible_by: int, te
                          f"leave it out (it follows the tokenizer) or pass at least {tokens}")
     multiple = divisible_by * tensor_parallel
     return math.ceil(max(tokens, vocab_size or 0) / multiple) * multiple
+
+
+def set_padded_vocab(args, tokens: int, what: str = "the tokenizer") -> None:
+    """The job's vocabulary from its flags: ``args.vocab_tokens`` (the larger of ``tokens`` and
+    ``--vocab-size``) and ``args.padded_vocab_size`` (``padded_vocab_size`` at the job's TP)."""
+    args.padded_vocab_size = padded_vocab_size(tokens, args.vocab_size, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size, what)
+    args.vocab_tokens = max(tokens, args.vocab_size or 0)

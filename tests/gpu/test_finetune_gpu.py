@@ -5,7 +5,7 @@ initialization (the CPU optimizer steps the model's own parameters, so only the 
 import pytest
 import torch
 
-from tests.training.test_pretrain import SMALL, losses, pretrain
+from tests.helpers.job import SMALL, losses, pretrain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 

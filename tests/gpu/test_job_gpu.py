@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.training.test_pretrain import SMALL, check_pipeline_matches_single_rank, losses, pretrain
+from tests.helpers.job import SMALL, check_pipeline_matches_single_rank, losses, pretrain
 
 pytestmark = [
     pytest.mark.gpu,

@@ -17,7 +17,11 @@ def check(lens, chunk, topk, hq, hkv, d, dtype, backend, seed=0, tol=2e-2):
         lambda a, b, c: moba_attn_varlen(a, b, c, cu, max(lens), chunk, topk, backend=backend), q, k, v, dout
     )
     ref, ref_grads = run_with_grads(
-        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk), q.float(), k.float(), v.float(), dout.float()
+        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk),
+        q.float(),
+        k.float(),
+        v.float(),
+        dout.float(),
     )
     assert_close(out, ref, tol, tol, "out")
     for name, g, rg in zip("qkv", grads, ref_grads):

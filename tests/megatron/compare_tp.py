@@ -32,7 +32,8 @@ def main() -> int:
         err = float((h - g).norm() / g.norm().clamp_min(1e-12))
         worst = max(worst, err)
         ok &= err <= args.rtol
-    print(f"{len(ref['grads'])} gradients, worst relative error {worst:.2e} (tolerance {args.rtol}) {'ok' if ok else 'MISMATCH'}")
+    print(f"{len(ref['grads'])} gradients, worst relative error {worst:.2e} (tolerance {args.rtol}) "
+          f"{'ok' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 

@@ -30,7 +30,9 @@ def spawn_ranks(fn, world: int, **kwargs) -> None:
     mp.spawn(_run_rank, args=(fn, world, free_port(), kwargs), nprocs=world, join=True)
 
 
-def init_parallel(rank: int, world_size: int, port: int, tp: int = 1, cp: int = 1, device: str = "cpu", pp: int = 1) -> None:
+def init_parallel(
+    rank: int, world_size: int, port: int, tp: int = 1, cp: int = 1, device: str = "cpu", pp: int = 1
+) -> None:
     from megatron.core import parallel_state
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))

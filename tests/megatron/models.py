@@ -9,9 +9,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from moba_megatron import MoBATransformerConfig, get_gpt_layer_with_moba_spec
 from moba_megatron.megatron.attention import MoBAAttention
-from moba_megatron.ops.moba import moba_attn_varlen_reference
-
 from moba_megatron.megatron.cpu import sequence_parallel_block
+from moba_megatron.ops.moba import moba_attn_varlen_reference
 
 VOCAB = 128
 SEQ = 48
@@ -38,7 +37,9 @@ def tiny_config(**overrides) -> MoBATransformerConfig:
 class ReferenceMoBAAttention(MoBAAttention):
     """MoBAAttention computed by the dense masked reference (sbhd only)."""
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         sq, b = query.shape[:2]
         q, k, v = (x.transpose(0, 1).reshape(b * sq, x.shape[2], x.shape[3]) for x in (query, key, value))
         cu = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32)

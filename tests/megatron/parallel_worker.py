@@ -31,10 +31,10 @@ def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
+    from moba_megatron.parallel import local_positions
+
     from .harness import destroy_parallel, init_parallel
     from .models import batch, build_gpt, tiny_config
-
-    from moba_megatron.parallel import local_positions
 
     init_parallel(rank, world, port, tp=tp, cp=cp, device=device)
     config = tiny_config(

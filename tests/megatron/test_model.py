@@ -8,8 +8,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from moba_megatron import MoBAAttention, set_moba_enabled
 from moba_megatron.ops import moba_attn_varlen
 from tests.helpers import assert_close
-
 from tests.megatron.harness import destroy_parallel, free_port, init_parallel
+
 from .models import SEQ, batch, build_gpt, tiny_config
 
 
@@ -40,7 +40,9 @@ def assert_same(a, b, tol=2e-5):
 def test_topk_covering_every_block_equals_megatron_dense_attention():
     config = tiny_config(moba_chunk_size=8, moba_topk=SEQ // 8)
     moba, dense = build_gpt(config, "moba"), build_gpt(config, "dense")
-    assert torch.equal(moba.state_dict()["embedding.word_embeddings.weight"], dense.state_dict()["embedding.word_embeddings.weight"])
+    assert torch.equal(
+        moba.state_dict()["embedding.word_embeddings.weight"], dense.state_dict()["embedding.word_embeddings.weight"]
+    )
     assert_same(run(moba), run(dense))
 
 
@@ -149,6 +151,7 @@ def test_decoder_block_spec_puts_moba_in_every_layer():
 
 def test_rotary_percent_turns_part_of_each_head():
     from moba_megatron.megatron.model import build_gpt_model
+
     from .models import VOCAB
 
     config = tiny_config()

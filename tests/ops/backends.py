@@ -31,7 +31,9 @@ class PaddedTorch(PaddedTiles, TorchBackend):
 
     def dense_backward(self, dout, q, k, v, out, lse, scale):
         cu_q, cu_k, flat = self._as_varlen(q, k)
-        grads = self.backward(flat(dout), flat(q), flat(k), flat(v), flat(out), lse.reshape(1, -1), cu_q, cu_k, 0, 0, False, scale)
+        grads = self.backward(
+            flat(dout), flat(q), flat(k), flat(v), flat(out), lse.reshape(1, -1), cu_q, cu_k, 0, 0, False, scale
+        )
         return [g.view(x.shape) for g, x in zip(grads, (q, k, v))]
 
 

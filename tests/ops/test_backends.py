@@ -10,13 +10,17 @@ from tests.helpers import assert_close, cu_seqlens_of
 def dense_segments(q, k, v, cu_q, cu_k, causal, scale):
     group = q.shape[1] // k.shape[1]
     outs = []
-    for (q0, q1), (k0, k1) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()), zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+    for (q0, q1), (k0, k1) in zip(
+        zip(cu_q[:-1].tolist(), cu_q[1:].tolist()), zip(cu_k[:-1].tolist(), cu_k[1:].tolist())
+    ):
         if q1 == q0:
             continue
         qs = q[q0:q1].transpose(0, 1)
         ks = k[k0:k1].repeat_interleave(group, 1).transpose(0, 1)
         vs = v[k0:k1].repeat_interleave(group, 1).transpose(0, 1)
-        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1))
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1)
+        )
     return torch.cat(outs)
 
 

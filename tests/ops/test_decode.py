@@ -8,7 +8,9 @@ from moba_megatron.ops.moba.decode import moba_attn_decode
 from tests.helpers import assert_close, make_qkv
 
 
-@pytest.mark.parametrize("n,chunk,topk,group", [(50, 8, 3, 2), (64, 8, 2, 1), (17, 4, 100, 4), (5, 8, 3, 1), (33, 1, 4, 2)])
+@pytest.mark.parametrize(
+    "n,chunk,topk,group", [(50, 8, 3, 2), (64, 8, 2, 1), (17, 4, 100, 4), (5, 8, 3, 1), (33, 1, 4, 2)]
+)
 @pytest.mark.parametrize("m", [1, 4])
 def test_last_queries_match_the_reference(n, chunk, topk, group, m):
     m = min(m, n)

@@ -39,7 +39,9 @@ def _flash_attn_varlen_backward(
     deterministic, rng_state=None, zero_tensors=False,
 ):
     calls["bwd"] += 1
-    grads = _math.backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+    grads = _math.backward(
+        dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+    )
     for buf, g in zip((dq, dk, dv), grads):
         buf.copy_(g)
     return torch.zeros(q.shape[1], q.shape[0])
@@ -62,7 +64,9 @@ def stand_in(monkeypatch):
 def test_adapter_matches_reference(stand_in):
     q, k, v, cu = make_qkv([37, 20], 4, 2, 16)
     dout = torch.randn(q.shape)
-    out, grads = run_with_grads(lambda a, b, c: moba_attn_varlen(a, b, c, cu, 37, 6, 3, backend="flash_attn"), q, k, v, dout)
+    out, grads = run_with_grads(
+        lambda a, b, c: moba_attn_varlen(a, b, c, cu, 37, 6, 3, backend="flash_attn"), q, k, v, dout
+    )
     ref, ref_grads = run_with_grads(lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, 6, 3), q, k, v, dout)
     assert calls["fwd"] >= 2 and calls["bwd"] >= 2  # own-block call and routed calls went through flash-attn
     assert_close(out, ref, 2e-5, 2e-5, "out")

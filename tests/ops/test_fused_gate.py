@@ -2,7 +2,7 @@
 
 Dyadic inputs make every score exact in both, so the selections must be identical, ties included.
 On random inputs the selections may differ only between blocks whose scores (computed in fp64)
-differ by less than 1e-5 relative (DESIGN §7). Without a GPU, Triton's interpreter runs the kernel."""
+differ by less than 1e-5 relative (docs/semantics.md). Without a GPU, Triton's interpreter runs the kernel."""
 
 import os
 

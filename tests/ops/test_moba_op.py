@@ -6,8 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moba_megatron import moba_attn_varlen
-from moba_megatron.ops.moba import causal_attn_varlen_reference, moba_attn_varlen_reference
-from moba_megatron.ops.moba import gating, routing
+from moba_megatron.ops.moba import causal_attn_varlen_reference, gating, moba_attn_varlen_reference, routing
 from tests.helpers import assert_close, cu_seqlens_of, make_qkv, run_with_grads
 
 
@@ -24,7 +23,11 @@ def check_against_reference(lens, chunk, topk, hq, hkv, d, *, seed=0, dtype=torc
     out, grads = run_with_grads(lambda a, b, c: attn(a, b, c, cu), q, k, v, dout)
     # The reference runs in fp32 on the same (rounded) inputs.
     ref, ref_grads = run_with_grads(
-        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk), q.float(), k.float(), v.float(), dout.float()
+        lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, chunk, topk),
+        q.float(),
+        k.float(),
+        v.float(),
+        dout.float(),
     )
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     assert out.dtype == dtype and out.shape == q.shape

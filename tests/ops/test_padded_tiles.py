@@ -17,7 +17,9 @@ from tests.ops.backends import PaddedTorch
 def check_padded(group, seed):
     q, k, v, cu = make_qkv([45, 0, 30, 2], 4, 4 // group, 8, seed=seed)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    out, grads = run_with_grads(lambda a, b, c: moba_attn_varlen(a, b, c, cu, 45, 5, 3, backend="padded_torch"), q, k, v, dout)
+    out, grads = run_with_grads(
+        lambda a, b, c: moba_attn_varlen(a, b, c, cu, 45, 5, 3, backend="padded_torch"), q, k, v, dout
+    )
     ref, ref_grads = run_with_grads(lambda a, b, c: moba_attn_varlen_reference(a, b, c, cu, 5, 3), q, k, v, dout)
     assert_close(out, ref, 2e-5, 2e-5, "out")
     for name, g, rg in zip("qkv", grads, ref_grads):

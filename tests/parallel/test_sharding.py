@@ -21,7 +21,9 @@ def test_positions_match_megatron_sharding(cp):
         original = (dist.get_world_size, dist.get_rank)
         dist.get_world_size, dist.get_rank = (lambda group=None: cp), (lambda group=None, r=rank: r)
         try:
-            local = _get_batch_on_this_cp_rank_per_sequence_balancing({"tokens": tokens.clone()}, cp_group=Group())["tokens"][0]
+            local = _get_batch_on_this_cp_rank_per_sequence_balancing({"tokens": tokens.clone()}, cp_group=Group())[
+                "tokens"
+            ][0]
         finally:
             dist.get_world_size, dist.get_rank = original
         assert torch.equal(local, local_positions(seq, cp, rank))
@@ -38,14 +40,21 @@ def test_local_blocks_cover_every_block_once():
 
 def test_blocks_must_not_straddle_ranks():
     assert check_cp_split(4096 * 8, 4, 4096) == 4096
-    with pytest.raises(ValueError, match=r"seq_len 1001 must split into 2 x context_parallel_size = 8 equal chunks; use a multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"seq_len 1001 must split into 2 x context_parallel_size = 8 equal chunks; use a multiple of 8",
+    ):
         check_cp_split(1001, 4, 64)
-    with pytest.raises(ValueError, match=r"= 3072 tokens per chunk is not a multiple of moba_chunk_size 4096; use a seq_len that is a multiple of 32768"):
+    with pytest.raises(
+        ValueError,
+        match=r"= 3072 tokens per chunk is not a multiple of moba_chunk_size 4096; "
+        r"use a seq_len that is a multiple of 32768",
+    ):
         check_cp_split(24576, 4, 4096)
 
 
 def test_auto_mode_follows_the_byte_count():
-    # DESIGN §6: routing wins for small topk without GQA, all-gather for topk 12 with GQA at cp 4
+    # docs/context-parallel.md: routing wins for small topk without GQA, all-gather for topk 12 with GQA at cp 4
     assert choose_cp_comm(1 << 20, 4, 3, 8, 8, 128) == "routed"
     assert choose_cp_comm(1 << 20, 16, 3, 32, 32, 128) == "routed"
     assert choose_cp_comm(1 << 20, 4, 12, 32, 8, 128) == "allgather"

@@ -9,7 +9,7 @@ import torch
 
 from moba_megatron.tools.preprocess_data import main as preprocess_main
 from moba_megatron.tools.preprocess_data import preprocess
-from moba_megatron.training.data import BOS, KEY, QUERY, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
+from moba_megatron.training.data import KEY, QUERY, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
 from moba_megatron.training.tokenizer import build_tokenizer, padded_vocab_size
 
 
@@ -36,7 +36,7 @@ def test_preprocess_jsonl_and_text_round_trip(tmp_path):
 
 def test_preprocess_bad_input_names_the_problem(tmp_path, capsys):
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(SystemExit, match=r"c.jsonl:2: not a JSON object with the key\(s\) \['text'\]"):
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not a JSON object with the key\(s\) \['text'\]"):
         preprocess(tmp_path / "c.jsonl", str(tmp_path / "o"), ["text"])
     for flags, message in (
         (["--tokenizer-type", "HuggingFaceTokenizer"], "needs --tokenizer-model DIR"),
@@ -108,7 +108,9 @@ def test_synthetic_batch_is_its_samples_and_draws_are_uniform():
     data = SyntheticRetrieval(vocab_size=64, seq_length=300, seed=3, pairs=4)
     batch = data.samples([9, 2, 9, 40])
     assert torch.equal(batch[1], data.sample(2)) and torch.equal(batch[0], batch[2])  # whatever batch holds it
-    assert not torch.equal(batch[0], batch[3]) and not torch.equal(batch[1], SyntheticRetrieval(64, 300, 4, 4).sample(2))
+    assert not torch.equal(batch[0], batch[3]) and not torch.equal(
+        batch[1], SyntheticRetrieval(64, 300, 4, 4).sample(2)
+    )
     tokens = data.samples(list(range(400)))
     # the chain's noise rate and the spread of filler tokens, values and needle places
     filler = data._filler(data._draws(list(range(400)), 0), 301)[:, 1:]
@@ -128,27 +130,6 @@ def test_synthetic_batch_is_its_samples_and_draws_are_uniform():
     assert torch.histc(share, bins=4, min=0, max=1).min() > 0.2 * len(share)
 
 
-def test_synthetic_echoes_repeat_random_spans():
-    from moba_megatron.training.data import ECHO_SPAN
-
-    plain = SyntheticRetrieval(vocab_size=64, seq_length=1024, seed=3, pairs=2)
-    data = SyntheticRetrieval(vocab_size=64, seq_length=1024, seed=3, pairs=2, echoes=0.5)
-    sample = data.sample(5)
-    assert torch.equal(sample, data.sample(5)) and sample[0] == BOS and (sample[1:] != BOS).all()
-    # In the filler (before the needles go in), half the tokens are spans that occur exactly twice.
-    filler = data._filler(data._draws([5], 0), 1025)[0]
-    windows = filler[1 : 1 + (1024 // ECHO_SPAN) * ECHO_SPAN].view(-1, ECHO_SPAN)
-    repeated = [i for i in range(len(windows)) if sum(torch.equal(windows[i], w) for w in windows) == 2]
-    assert len(repeated) * ECHO_SPAN == 512
-    bigram = lambda x: (plain.position[x[1:]] == (plain.position[x[:-1]] + 1) % len(plain.cycle)).float().mean()
-    assert bigram(plain.sample(5)[1:500]) > 0.8 and bigram(windows[repeated[0]]) < 0.3  # spans are not the chain
-    for key in sample[(sample == KEY).nonzero().flatten() + 1].tolist():  # keys stay out of the filler
-        assert (sample == key).sum() == 2
-    assert (data.needle(0, 300, 0.5) >= 0).all()
-    with pytest.raises(ValueError, match=r"--retrieval-echoes .* in \[0, 1\); got 1.5"):
-        SyntheticRetrieval(64, 200, 0, echoes=1.5)
-
-
 def test_synthetic_label_kinds_name_each_label():
     data = SyntheticRetrieval(vocab_size=64, seq_length=200, seed=3, pairs=2)
     sample = data.sample(5)
@@ -162,9 +143,13 @@ def test_synthetic_label_kinds_name_each_label():
     assert sorted((kinds == 1).nonzero().flatten().tolist()) == planted.tolist()  # the label after KEY
     assert torch.equal(labels[kinds == 2].sort().values, sample[planted + 2].sort().values)
     assert torch.equal(labels[kinds == 4].sort().values, labels[kinds == 2].sort().values)  # asked = planted
-    assert (labels[kinds == 0] >= data.first_filler).all() and ((labels[kinds == 5] == KEY) | (labels[kinds == 5] == QUERY)).all()
+    assert (labels[kinds == 0] >= data.first_filler).all() and (
+        (labels[kinds == 5] == KEY) | (labels[kinds == 5] == QUERY)
+    ).all()
     fillers = 64 - data.first_filler
-    assert data.chance_loss(4) == pytest.approx(math.log(fillers)) and data.chance_loss(3) == pytest.approx(math.log(data.keys))
+    assert data.chance_loss(4) == pytest.approx(math.log(fillers)) and data.chance_loss(3) == pytest.approx(
+        math.log(data.keys)
+    )
     assert data.chance_loss(0) is None and data.chance_loss(5) is None
     probe = data.needle(0, 150, 0.5)
     assert data.KINDS[int(data.label_kinds(probe)[-1])] == "question value"  # the needle eval's answer

@@ -1,4 +1,4 @@
-"""Runs that survive faults (DESIGN §10), each launched with torchrun as users launch it (2 gloo
+"""Runs that survive faults (docs/faults.md), each launched with torchrun as users launch it (2 gloo
 ranks): a worker killed and restarted by ``torchrun --max-restarts``, SIGTERM with
 ``--exit-signal-handler``, a save killed midway, ``--exit-duration-in-mins``, a non-finite loss.
 Every interrupted run must end at exactly the uninterrupted run's loss. Every launch is bounded in
@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.training.test_pretrain import LOSS, ROOT, SMALL
+from tests.helpers.job import LOSS, ROOT, SMALL
 
 ITERS = 12
 ARGS = [*SMALL, "--train-iters", str(ITERS)]
@@ -27,9 +27,15 @@ class Job:
     def __init__(self, *args, restarts=0, env=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                f"--max-restarts={restarts}", "-m", "moba_megatron.pretrain", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                                                             **(env or {})),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines = []
 
     def wait_for(self, text: str) -> None:

@@ -1,33 +1,24 @@
-"""The pretraining job end to end on CPU: torchrun with 2 gloo ranks, as the README runs it."""
+"""The pretraining job end to end on CPU: torchrun with 2 gloo ranks, as the README runs it; its
+flag checks in-process."""
 
 import math
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: (\S+) \| lm loss PPL: (\S+) \|")
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*\| lm loss: (\S+) \|")
-SMALL = ["--config", "configs/tiny-cpu.yaml", "--seq-length", "256", "--log-interval", "1", "--lr-warmup-iters", "0",
-         "--global-batch-size", "8"]
-
-
-def pretrain(*args, nproc=2, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "moba_megatron.pretrain", *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"pretrain failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def losses(result) -> dict[int, str]:
-    return {int(i): loss for i, loss in LOSS.findall(result.stdout)}
+from moba_megatron.training.arguments import parse_args
+from tests.helpers.job import (  # noqa: F401
+    LOSS,
+    ROOT,
+    SMALL,
+    VALIDATION,
+    bpe_tokenizer,
+    check_pipeline_matches_single_rank,
+    losses,
+    pretrain,
+)
 
 
 def test_loss_falls_with_two_ranks():
@@ -53,28 +44,15 @@ def test_other_warnings_still_show():
     assert [str(w.message) for w in seen] == ["a real problem"]
 
 
-def bpe_tokenizer(folder, text: str) -> None:
-    """A small byte-level BPE tokenizer trained on ``text`` with the tokenizers library, saved as a
-    Hugging Face tokenizer folder (tokenizer.json, eos_token set)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text.splitlines(), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
-
-
 def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
     import json
 
     pytest.importorskip("transformers")
     lines = [f"block {i % 7} routes query {i % 11} to key {(3 * i) % 13} at depth {i % 5}" for i in range(400)]
     bpe_tokenizer(tmp_path / "tok", "\n".join(lines))
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i : i + 8])}) + "\n" for i in range(0, 400, 8)))
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(lines[i : i + 8])}) + "\n" for i in range(0, 400, 8))
+    )
     subprocess.run([sys.executable, "-m", "moba_megatron.tools.preprocess_data", "--input", str(tmp_path / "c.jsonl"),
                     "--output-prefix", str(tmp_path / "c"), "--tokenizer-type", "HuggingFaceTokenizer",
                     "--tokenizer-model", str(tmp_path / "tok"), "--append-eod", "--workers", "2"],
@@ -92,11 +70,17 @@ def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
     assert float(validation[1][1]) < float(validation[0][1])
     vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
     padded = -(-len(vocab) // 128) * 128  # --make-vocab-size-divisible-by 128, TP 1
-    assert f"padded vocab (size: {len(vocab)}) with {padded - len(vocab)} dummy tokens (new size: {padded})" in result.stdout
+    assert (
+        f"padded vocab (size: {len(vocab)}) with {padded - len(vocab)} dummy tokens (new size: {padded})"
+        in result.stdout
+    )
     assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
     # an explicit --vocab-size below the tokenizer's is one clear line
     bad = pretrain(*SMALL, "--train-iters", "2", *data, "--vocab-size", "100", check=False)
-    assert bad.returncode != 0 and f"--vocab-size 100 is smaller than the HuggingFaceTokenizer's {len(vocab)} tokens" in bad.stderr
+    assert (
+        bad.returncode != 0
+        and f"--vocab-size 100 is smaller than the HuggingFaceTokenizer's {len(vocab)} tokens" in bad.stderr
+    )
 
 
 def test_synthetic_task_validates(tmp_path):
@@ -117,20 +101,12 @@ def test_resume_is_exact_and_reshards(tmp_path):
     for layout in ("--tensor-model-parallel-size", "--context-parallel-size"):
         resharded = losses(pretrain(*SMALL, "--train-iters", "6", "--load", str(tmp_path), layout, "2"))
         for it in (4, 5, 6):
-            assert abs(float(resharded[it]) - float(straight[it])) < 1e-4 * float(straight[it]), (layout, it, resharded, straight)
-
-
-def check_pipeline_matches_single_rank(tmp_path, base_args, rtol):
-    """PP=2 puts one layer on each rank (megatron-core's 1F1B schedule over 2 micro batches, the
-    tied embedding kept in sync between the first and last stage). Stages draw their initial
-    weights from other random streams, so both runs start from one saved step."""
-    args = [*base_args, "--train-iters", "4", "--global-batch-size", "4", "--micro-batch-size", "2"]
-    pretrain(*args, "--save", str(tmp_path), "--exit-interval", "1", nproc=1)
-    single = losses(pretrain(*args, "--load", str(tmp_path), nproc=1))
-    split = losses(pretrain(*args, "--load", str(tmp_path), "--pipeline-model-parallel-size", "2"))
-    assert sorted(split) == [2, 3, 4]
-    for it in (2, 3, 4):
-        assert abs(float(split[it]) - float(single[it])) <= rtol * float(single[it]), (it, split, single)
+            assert abs(float(resharded[it]) - float(straight[it])) < 1e-4 * float(straight[it]), (
+                layout,
+                it,
+                resharded,
+                straight,
+            )
 
 
 def test_pipeline_parallel_run_matches_single_rank(tmp_path):
@@ -154,7 +130,11 @@ def test_activation_recompute_keeps_the_losses():
     from moba_megatron.training.setup import transformer_config
 
     config = transformer_config(parse_args(["--config", "configs/tiny-cpu.yaml", "--recompute-granularity", "full"]))
-    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == ("full", "uniform", 1)
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == (
+        "full",
+        "uniform",
+        1,
+    )
     args = [*SMALL, "--train-iters", "3", "--moba-full-attn-layers", "2"]
     plain = losses(pretrain(*args))
     for extra in (["--recompute-granularity", "full"], ["--recompute-granularity", "selective"]):
@@ -177,43 +157,67 @@ def test_8_gpu_layout_matches_single_rank():
         assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (it, split, single)
 
 
+def job_checks(argv, world_size=2):
+    """What the job checks of its flags before it trains, in its order, in this process: the
+    layout and batch, the model config, the data."""
+    from moba_megatron.pretrain import build_data
+    from moba_megatron.training.setup import check_args, transformer_config
+
+    args = parse_args(argv)
+    check_args(args, world_size)
+    transformer_config(args, "cpu")
+    build_data(args)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--config", "configs/tiny-cpu.yaml", "--train-iters", "1", "--tensor-model-parallel-size", "4"],
+        (["--train-iters", "1", "--tensor-model-parallel-size", "4"],
          "--tensor-model-parallel-size 4 x --context-parallel-size 1 x --pipeline-model-parallel-size 1 = 4 "
          "does not divide the world size 2"),
-        (["--config", "configs/tiny-cpu.yaml", "--pipeline-model-parallel-size", "2", "--num-layers", "3"],
+        (["--pipeline-model-parallel-size", "2", "--num-layers", "3"],
          "--num-layers 3 does not split into --pipeline-model-parallel-size 2 equal stages"),
-        (["--config", "configs/tiny-cpu.yaml", "--context-parallel-size", "2", "--seq-length", "384"],
+        (["--context-parallel-size", "2", "--seq-length", "384"],
          "--seq-length 384 does not split into MoBA blocks at --context-parallel-size 2"),
-        (["--config", "configs/tiny-cpu.yaml", "--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
-        (["--config", "configs/tiny-cpu.yaml", "--rotary-percent", "0.3"],
-         "--rotary-percent 0.3: must be in (0, 1] and turn an even number of the 32 head dims"),
-        (["--config", "configs/tiny-cpu.yaml", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
-        (["--config", "configs/tiny-cpu.yaml", "--train-iters", "3"], "--lr-warmup-iters 5 must be below --train-iters 3"),
-        (["--config", "configs/tiny-cpu.yaml", "--recompute-method", "block"],
-         "--recompute-method applies to --recompute-granularity full only"),
-        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus"],
-         "/nonexistent/corpus.bin and /nonexistent/corpus.idx not found"),
-        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer"],
+        (["--moba-chunk-size", "0"], "moba_chunk_size must be an integer >= 1"),
+        (["--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
+        (["--train-iters", "3"], "--lr-warmup-iters 5 must be below --train-iters 3"),
+        (["--recompute-method", "block"], "--recompute-method applies to --recompute-granularity full only"),
+        (["--data-path", "/nonexistent/corpus"], "/nonexistent/corpus.bin and /nonexistent/corpus.idx not found"),
+        (["--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer"],
          "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR"),
-        (["--config", "configs/tiny-cpu.yaml", "--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer",
+        (["--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer",
           "--tokenizer-model", "/nonexistent/tok"], "--tokenizer-model /nonexistent/tok: no such folder"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, message):
-    result = pretrain(*args, check=False)
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+def test_bad_flags_name_the_problem(args, message):
+    from moba_megatron.training.errors import JobError
+
+    with pytest.raises(JobError, match=re.escape(message)):
+        job_checks(["--config", "configs/tiny-cpu.yaml", *args])
 
 
-def test_unknown_config_key(tmp_path):
+def test_bad_flags_are_checked_in_parse_args(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "configs/tiny-cpu.yaml", "--rotary-percent", "0.3"])
+    assert (
+        "--rotary-percent 0.3: must be in (0, 1] and turn an even number of the 32 head dims" in capsys.readouterr().err
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_layers: 2\nnum_layerz: 3\n")
-    result = subprocess.run([sys.executable, "-m", "moba_megatron.pretrain", "--config", str(bad)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "unknown key(s) in" in result.stderr and "num_layerz" in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--config", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown key(s) in" in err and "num_layerz" in err
+
+
+@pytest.mark.slow
+def test_a_bad_flag_stops_the_job_with_one_line():
+    """The job under torchrun: the check's message as moba-pretrain's one error line, a failed exit."""
+    result = pretrain("--config", "configs/tiny-cpu.yaml", "--train-iters", "1", "--tensor-model-parallel-size", "4",
+                      check=False)
+    assert result.returncode != 0
+    assert "moba-pretrain: error: --tensor-model-parallel-size 4 x --context-parallel-size 1 x " in result.stderr
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")))

@@ -1,6 +1,6 @@
 """MoBA for a few queries at the end of one sequence against all its keys: decoding with a KV cache.
 
-Exactly DESIGN §1 for those queries: each attends its own block so far (causally) and the
+Exactly docs/semantics.md for those queries: each attends its own block so far (causally) and the
 ``topk - 1`` completed blocks before it whose key sums score best (fp32, ties to the lower block),
 in one softmax. The cost is O(queries x keys), not the quadratic cost of a full forward, so every
 generated token is exact MoBA rather than a dense fallback. GQA without repeating K/V.

@@ -12,7 +12,7 @@ interpreter most of all.)
 
 Scores: q (bf16/fp16, exact in tf32) against fp32 sums through three-pass tf32 products
 (``tf32x3``), about 2^-22 relative to sum |q_d s_d|: selections equal fp32 scoring except between
-blocks whose fp32 scores differ by ~1e-6 relative (DESIGN §7 allows 1e-5).
+blocks whose fp32 scores differ by ~1e-6 relative (docs/semantics.md allows 1e-5).
 """
 
 from __future__ import annotations

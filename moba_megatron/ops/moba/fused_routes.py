@@ -30,30 +30,29 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = 1.4426950408889634
 
-# (rows per tile, keys per step, warps, pipeline stages), tried in order: the first was the fastest
-# on an H100 at block 2048 / top-k 3 and 4096 / 12 (benchmarks/tune_fused_routes.py); the second
-# needs less shared memory, for GPUs that cannot hold the first.
+# (rows per tile, keys per step, warps, pipeline stages), tried in order: the first is the fastest
+# at large blocks (benchmarks/tune_fused_routes.py); the second needs less shared memory, for GPUs
+# that cannot hold the first.
 FORWARD_CONFIGS = [(128, 128, 8, 3), (64, 64, 4, 2)]
-# Head dims of at most 64: half the keys a step and half the warps, 1.19 against 1.40 ms for the
-# routed forward at 32K / 2048 / 3, 12 heads of 64 (H200; the whole op 7.10 against 7.32 ms).
+# Head dims of at most 64: half the keys a step and half the warps keep more tiles in flight.
 FORWARD_CONFIGS_HEAD_DIM_64 = [(128, 64, 4, 3), (64, 64, 4, 2)]
 # (rows per step, keys per program, warps, pipeline stages) of the backward's dK/dV kernel, and
 # (rows per program, keys per step, warps, stages) of its dq kernel, tried in order.
-# Blocks of at most 256 keys (``_SMALL_BLOCKS``) take other dK/dV tiles than larger ones (H200, block
-# 128 / top-k 8 and 512 / 3; benchmarks/tune_fused_routes.py).
+# Blocks of at most 256 keys (``_SMALL_BLOCKS``) take other dK/dV tiles than larger ones: fewer rows
+# a step and more keys a program, since a small block has few keys to split
+# (benchmarks/tune_fused_routes.py).
 BACKWARD_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 BACKWARD_CONFIGS_SMALL_BLOCKS = [(32, 128, 8, 2), (32, 64, 4, 1)]
 _SMALL_BLOCKS = 256
-# Head dims of at most 64 fit twice the rows a step: 7.37 against 10.03 ms for the whole op at
-# 32K / 2048 / 3, 12 heads of 64 (H200); at 128 the larger tile is slower (5.93 against 4.77 ms
-# at 32K / 512 / 3).
+# Head dims of at most 64 fit twice the rows a step in the same registers; at 128 the larger tile
+# spills and is slower.
 BACKWARD_CONFIGS_HEAD_DIM_64 = [(128, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 1)]
 BACKWARD_DQ_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 MERGE_ROWS = 32
 GATHER_ROWS = 64
 FOLD_ROWS = 32
-# Keys per program of the dK/dV fold, whose grid is only (key blocks, C / FOLD_KEYS): a head group's
-# fold took 90 us with 16, 118 with 32 and 215 with 64 (H200, calls shaped like 128K / 4096 / 12).
+# Keys per program of the dK/dV fold, whose grid is only (key blocks, C / FOLD_KEYS): few keys a
+# program give the grid enough programs to fill the GPU.
 FOLD_KEYS = 16
 _config_in_use: dict[tuple, tuple] = {}
 
@@ -257,7 +256,7 @@ def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, SRC, order, tile_row0, tile_r
     it, so they lie in one tile): row i is sorted row ``tile_row0 + i % width`` of its tile or, past
     the tile's rows (padding), the tile's last row again, with a zero dO. Each real row also leaves
     ``code + i`` at its (token, head, slot) place of ``SRC``, where the fold of dq finds it. Row ids
-    are split in int32 where they fit: int64 division is emulated, and cost ~1 ms here at 128K."""
+    are split in int32 where they fit: int64 division is emulated in software, and slow."""
     first = tl.program_id(0).to(tl.int64) * BR
     tile = first // width
     pos = first % width + tl.arange(0, BR)
@@ -364,9 +363,8 @@ def _launch(key, configs, launch):
 
 def key_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
     """TMA descriptors of ``bn`` keys x one kv head of K and V ``[Tk, Hkv, D]``, viewed as
-    ``[Tk, Hkv * D]``: Hopper's copy engine then streams the key blocks (42.3 against 47.2 ms for the
-    routed forward at 128K / 4096 / 12 on an H200, 174 against 193 with 32 heads over 8). The copy
-    engine wants 16-byte aligned bases."""
+    ``[Tk, Hkv * D]``: Hopper's copy engine then streams the key blocks, off the threads that compute.
+    The copy engine wants 16-byte aligned bases."""
     descs = []
     for x in (k, v):
         if not (x.is_contiguous() and x.data_ptr() % 16 == 0):
@@ -388,8 +386,17 @@ def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float)
     if nruns == 0 or routes.order.numel() == 0:
         return out, lse
     counts = routes.run_start[grp.run0 + 1 : grp.run1 + 1] - routes.run_start[grp.run0 : grp.run1]
-    scalars = (grp.run0, nruns, routes.heads, grp.h0, nh, slots, routes.num_blocks, routes.subgroups * routes.num_blocks,
-               scale * _LOG2E)
+    scalars = (
+        grp.run0,
+        nruns,
+        routes.heads,
+        grp.h0,
+        nh,
+        slots,
+        routes.num_blocks,
+        routes.subgroups * routes.num_blocks,
+        scale * _LOG2E,
+    )
 
     def launch(config):
         bm, bn, warps, stages = config
@@ -513,8 +520,8 @@ def gather_tile_rows(dout, q, out, lse, routes, piece, grp, sources, index: int)
 
 def gather_key_tiles(k, v, tile_block, block_starts, chunk: int):
     """K and V tiles ``[tiles, C, D]`` of a call, straight from ``k, v [Tk, Hkv, D]``: tile i holds block
-    ``tile_block[i] % nb`` of kv head ``tile_block[i] // nb``. (PyTorch's index of a block-major copy
-    moved these at 1.7 TB/s: 2.3 ms at 128K / 4096 / 12 on an H200.)"""
+    ``tile_block[i] % nb`` of kv head ``tile_block[i] // nb``, in one pass (indexing a block-major copy
+    would read and write every tile twice)."""
     (tk, _, d), tiles = k.shape, tile_block.numel()
     assert k.stride(2) == v.stride(2) == 1
     k_tiles, v_tiles = (x.new_empty(tiles, chunk, d) for x in (k, v))
@@ -532,8 +539,8 @@ def fold_rows(dst: torch.Tensor, sources: torch.Tensor, parts: list[torch.Tensor
     (``piece << 40 | row`` of ``parts[piece] [rows, D]``), in fp32, rounded once into dst's dtype.
 
     cuDNN allocates each call's dq; the fold reads every part where it lies (offsets from the part
-    lowest in memory) rather than copying the rows into a grid first: storing them took 2.1 ms and
-    zero-filling the grid 0.9 at 128K / 4096 / 12 (H200)."""
+    lowest in memory) rather than copying the rows into a grid first, which would store every row
+    and zero-fill the grid once more."""
     t, n, d = dst.shape
     if t * n == 0 or not parts:
         return
@@ -549,8 +556,8 @@ def fold_key_tiles(dk, dv, kv0: int, parts, piece_blocks, block_starts, chunk: i
     """``dk, dv [Tk, nkv, D]`` (token-major, kv heads from ``kv0``; any float dtype) += the key
     gradients of every tile of a head group's calls: ``parts[i] = (dk_tiles, dv_tiles) [tiles, C, D]``
     of call i, whose tile j holds key block ``piece_blocks[i][j] = kvh * nb + b``. Each key's tiles are
-    summed in fp32 and added once. (fp32 atomics into accumulators, tile by tile, took 1.8 ms, and
-    zero-filling and folding the accumulators 0.8, at 128K / 4096 / 12 on an H200.)"""
+    summed in fp32 and added once: no fp32 atomics into accumulators, and no accumulators to zero-fill
+    and fold afterwards."""
     d = dk.shape[-1]
     assert dk.stride() == dv.stride() and dk.stride(2) == 1
     codes = sorted((block, i << 40 | j) for i, blocks in enumerate(piece_blocks) for j, block in enumerate(blocks))
@@ -576,7 +583,7 @@ def fold_key_tiles(dk, dv, kv0: int, parts, piece_blocks, block_starts, chunk: i
 def fold_into(dst: torch.Tensor, parts: torch.Tensor) -> None:
     """``dst += parts.sum(2)`` in fp32, rounded once into dst's dtype, for ``dst [T, n, D]`` (a slice of
     heads, so strided) and contiguous ``parts [T, n, S, D]`` of any float dtype, in one pass (PyTorch's
-    strided mixed-dtype add of one fp32 head took 96 against 36 us at 128K, H200)."""
+    strided mixed-dtype add makes several)."""
     t, n, d = dst.shape
     assert parts.shape[:2] == dst.shape[:2] and parts.is_contiguous() and dst.stride(2) == 1
     if t * n:

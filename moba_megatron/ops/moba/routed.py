@@ -169,8 +169,8 @@ def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend,
 def plan_backward(routes: Routes, chunk: int, head_dim: int, kernels: Kernels) -> None:
     """Plans the backward's tile calls, where it takes tiles. Call it once the forward's kernels are
     queued: the host then waits for the run bounds (copied right after the sort) and plans (about 1
-    ms a head group) while the GPU runs them. Planned at the start of the backward, the GPU waited
-    for it: at 128K / 4096 / 12 with 32 heads over 8 (H200) the op took 24 ms longer than its kernels."""
+    ms a head group) while the GPU runs them. Planned at the start of the backward, the GPU would
+    wait for it."""
     if not kernels.fused_backward:
         routes.pieces(kernels.tile_width, chunk, head_dim)
 
@@ -204,8 +204,8 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         if dkv is None and not direct:
             kv0 = grp.run0 // per_kv
             dkv = torch.zeros(2, layout.num_tokens, kv1 - kv0, d, dtype=torch.float32, device=q.device)
-        # Each row's dq is summed into dq once its head group is done, in fp32 (fp32 atomics into a
-        # [T, heads, D] accumulator took 5.1 ms at 128K / 4096 / 12 on an H200). The Triton path reads
+        # Each row's dq is summed into dq once its head group is done, in fp32 (no fp32 atomics into a
+        # [T, heads, D] accumulator, which contend and must be zero-filled). The Triton path reads
         # the rows from the calls' outputs through a map of their places; the other stores them at
         # their (token, head, slot) places of a grid (unused places stay zero; the last row is spare).
         nh = grp.h1 - grp.h0

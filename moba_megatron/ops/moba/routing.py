@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-
 PIECE_BUDGET_ELEMENTS = 1 << 27  # padded query rows + K/V tile elements per kernel call
 KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times fit (see plan_calls)
-CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs, in row x key products (~40 us on an H200)
+CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs (launch, setup), in row x key products
 MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
 
@@ -84,7 +83,7 @@ class Routes:
         self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
         self.num_runs = kv_heads * subgroups * num_blocks
         # The radix sort makes a pass per key byte: run ids (and the unused slots' num_runs) sorted
-        # as int16 take two passes, not the eight of int64 (0.20 against 0.91 ms for 11.5M rows, H200).
+        # as int16 take two passes, not the eight of int64.
         narrow = torch.int16 if self.num_runs < 2**15 else torch.int32
         sorted_keys, self.order = torch.sort(keys.to(narrow), stable=True)
         bounds = torch.arange(self.num_runs + 1, device=keys.device, dtype=sorted_keys.dtype)
@@ -194,7 +193,7 @@ def plan_calls(rows: list[int], tile_width: int, chunk: int, head_dim: int, sms:
     """How many tiles each call takes, in order, from tiles of ``rows`` rows sorted widest first.
 
     A call of n tiles (a power of two, at most the budget) is padded to the width of its first
-    tile. cuDNN's backward times fit one CTA per 128 keys of each tile (H200 profiles, RESULTS.md):
+    tile. cuDNN's backward times fit one CTA per 128 keys of each tile (profiles, benchmarks/RESULTS.md):
     a call takes about as long as one of ``sms * 128 / chunk`` tiles until it has that many. Every
     call also costs ``CALL_OVERHEAD``. The cheapest plan under that model, by dynamic programming
     over the sorted tiles (taking more of them into a call never makes the rest dearer)."""

@@ -31,7 +31,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them"
         )
     hq, hkv = q.shape[1], k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
+    if hq == 0 or hkv == 0:
+        raise ValueError(f"q and k need at least one head, got {hq} query and {hkv} key/value heads")
+    if q.shape[2] == 0:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}; each head needs at least one channel")
+    if hq % hkv != 0:
         raise ValueError(
             f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA"
         )

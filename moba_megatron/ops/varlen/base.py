@@ -48,7 +48,9 @@ class VarlenBackend(Protocol):
     def tiles_forward(self, q_rows, k_tiles, v_tiles, tile_rows, width, max_rows: int, scale: float):
         """MoBA's routed call: query rows against one block of keys per tile (non-causal)."""
 
-    def tiles_backward(self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale):
+    def tiles_backward(
+        self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale
+    ):
         """Its backward, against the given (merged) output and LSE."""
 
 
@@ -101,7 +103,9 @@ class VarlenTiles:
         )
         return out[:, 0], lse[0]
 
-    def tiles_backward(self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale):
+    def tiles_backward(
+        self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale
+    ):
         cu_q, cu_k, chunk = self._cu(tile_rows, k_tiles)
         d = q_rows.shape[-1]
         dq, dk, dv = self.backward(
@@ -137,7 +141,9 @@ class PaddedTiles:
         )
         return out.view(-1, d), lse.reshape(-1)
 
-    def tiles_backward(self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale):
+    def tiles_backward(
+        self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows, scale
+    ):
         nt, chunk, d = k_tiles.shape
         shape = (nt, 1, width, d)
         dq, dk, dv = self.dense_backward(

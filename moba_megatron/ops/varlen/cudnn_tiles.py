@@ -49,7 +49,7 @@ class CudnnBackend(PaddedTiles, TorchFlashBackend):
 
     name = "cudnn"
     triton_routes = True  # PaddedTiles comes first in the MRO and says False
-    tiles_backward_min_chunk = 4096  # below it the Triton backward was faster (H200, benchmarks/RESULTS.md)
+    tiles_backward_min_chunk = 4096  # below it the Triton backward is faster (benchmarks/RESULTS.md)
 
     def is_available(self) -> bool:
         return (
