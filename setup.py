@@ -20,7 +20,7 @@ setup(
         "hf": ["transformers>=4.56", "tokenizers>=0.21", "safetensors>=0.4", "tqdm"],
         "plot": ["matplotlib>=3.8"],
         "test": ["pytest>=8", "hypothesis>=6", "tensorboard", "transformers>=4.56", "tokenizers>=0.21",
-                 "safetensors>=0.4", "tqdm", "matplotlib>=3.8"],
+                 "safetensors>=0.4", "tqdm", "matplotlib>=3.8", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [

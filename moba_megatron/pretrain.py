@@ -80,7 +80,7 @@ def pretrain(args) -> None:
 
             carry_model_files(args.load, args.save)  # the model's config and tokenizer travel with it
         if args.load and (args.finetune or checkpoint.holds_weights_only(args.load)):
-            loaded = checkpoint.load_weights(args.load, model)
+            loaded = checkpoint.load_weights(args.load, model, log)
             # bf16: the optimizer's fp32 main weights were copied from the initialization when it was
             # built; without this its first step writes the initialization back over what was loaded.
             optimizer.reload_model_params()

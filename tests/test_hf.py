@@ -124,6 +124,7 @@ def megatron_logits(rank, world, port, folder, out, tp, topk, export=None, pp=1)
         destroy_parallel()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_megatron_model_gives_transformers_logits(llama, tmp_path, tp):
     name = hf.register_moba(CHUNK, TOPK)
@@ -137,6 +138,7 @@ def test_megatron_model_gives_transformers_logits(llama, tmp_path, tp):
             assert_close(logits[..., :VOCAB], want(ids).logits, 1e-4, 1e-4, f"top-k {topk} vs transformers {attn}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,tied,llama3", [(1, 1, False, False), (2, 1, True, True), (1, 2, False, True)])
 def test_round_trip_gives_identical_tensors(tmp_path, tp, pp, tied, llama3):
     from safetensors.torch import load_file
@@ -155,6 +157,7 @@ def test_round_trip_gives_identical_tensors(tmp_path, tp, pp, tied, llama3):
     assert reloaded.config.tie_word_embeddings == tied
 
 
+@pytest.mark.slow
 def test_bad_folders_name_the_problem(tmp_path, llama):
     with pytest.raises(ValueError, match="no such Hugging Face folder"):
         hf.read_llama_config(tmp_path / "nope")
@@ -235,6 +238,7 @@ def _both_configs(rank, world, port, folder, out):
         destroy_parallel()
 
 
+@pytest.mark.slow
 def test_load_llama_config_is_the_jobs(tmp_path):
     """load_llama's config equals the job's for the flags it writes, so a converted model trains as it loaded."""
     tiny_llama(tmp_path / "llama", llama3=True)
@@ -243,6 +247,7 @@ def test_load_llama_config_is_the_jobs(tmp_path):
     assert not differ, differ
 
 
+@pytest.mark.slow
 def test_config_overrides_reach_the_model(llama, tmp_path):
     """``load_llama``'s keyword overrides are fields of the model config (docs/hf.md): bf16 weights."""
     spawn_ranks(_load_bf16, 1, folder=str(llama), out=str(tmp_path / "bf16.pt"))
@@ -253,6 +258,7 @@ def test_config_overrides_reach_the_model(llama, tmp_path):
     assert "no_such_field" in unknown
 
 
+@pytest.mark.slow
 def test_convert_continue_training_at_tp2_and_export(tmp_path):
     """The documented path: moba-convert hf-to-mcore, moba-pretrain --finetune at TP=2 (2 gloo ranks),
     moba-convert mcore-to-hf, then transformers loads the result."""

@@ -42,9 +42,13 @@ def test_passkey_probe_asks_for_the_hidden_number(tmp_path):
         probes.probe(0, 20, 0.5)
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]])
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
+                                    ["--context-parallel-size", "2", "--moba-key-conv", "3"]])
 def test_eval_writes_accuracy_by_length_and_depth(tmp_path, layout):
-    pretrain(*SMALL, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
+    """The eval of a checkpoint at TP=2, and of one with the key convolution at CP=2."""
+    conv = layout[layout.index("--moba-key-conv") :] if "--moba-key-conv" in layout else []
+    pretrain(*SMALL, *conv, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
     job = parse_args(list(SMALL))
     seq_length, pairs = job.seq_length, job.retrieval_pairs
     task = SyntheticRetrieval(job.vocab_size or DEFAULT_VOCAB, seq_length, job.seed, pairs)

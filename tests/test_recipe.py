@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers.job import ROOT, VALIDATION, bpe_tokenizer
 
+pytestmark = pytest.mark.slow  # each test launches processes
+
 pytest.importorskip("transformers")
 
 

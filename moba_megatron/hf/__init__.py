@@ -8,7 +8,15 @@ Transformer Engine.
 """
 
 from .attention import register_moba
-from .llama import export_llama, llama_state_dict, load_llama, load_llama_weights, model_arguments, read_llama_config
+from .llama import (
+    check_llama_form,
+    export_llama,
+    llama_state_dict,
+    load_llama,
+    load_llama_weights,
+    model_arguments,
+    read_llama_config,
+)
 
 __all__ = ["register_moba", "load_llama", "load_llama_weights", "export_llama", "llama_state_dict",
-           "read_llama_config", "model_arguments"]
+           "read_llama_config", "model_arguments", "check_llama_form"]

@@ -360,6 +360,13 @@ def llama_state_dict(model, config: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_llama_form(moba_key_conv: int) -> None:
+    """A ValueError for a model that has no Llama form: one with the key convolution."""
+    if moba_key_conv:
+        raise ValueError(f"the model has a key convolution (moba_key_conv {moba_key_conv}), which a Llama has no "
+                         "place for; export a model trained without --moba-key-conv")
+
+
 def export_llama(model, out_dir, hf_config: dict | None = None) -> None:
     """Write ``model`` (a GPTModel from ``load_llama``, or one built on the same architecture with
     ``hf_config`` given) as a Hugging Face Llama folder: config.json and model.safetensors. Under
@@ -367,6 +374,7 @@ def export_llama(model, out_dir, hf_config: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     module = getattr(model, "module", model)
+    check_llama_form(getattr(module.config, "moba_key_conv", 0))
     config = hf_config or getattr(module, "hf_config", None)
     if config is None:
         raise ValueError("export_llama needs the Llama config: pass hf_config (the original config.json as a dict)")

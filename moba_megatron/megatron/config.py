@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..ops.key_conv import check_key_conv_width
 from ..ops.varlen import BACKENDS
 from ..parallel.attention import CP_COMM_MODES
 
@@ -33,6 +34,10 @@ class MoBATransformerConfig(TransformerConfig):
     moba_cp_comm: str = "auto"
     """How context parallelism exchanges MoBA blocks: ``auto``, ``routed`` or ``allgather``."""
 
+    moba_key_conv: int = 0
+    """Width of the key convolution (0: none): a learnable depthwise causal convolution over each
+    sequence's keys before rotary embedding, in every layer of the MoBA spec, initialized to the identity."""
+
     def __post_init__(self):
         super().__post_init__()
         _check_int("moba_chunk_size", self.moba_chunk_size, 1)
@@ -50,6 +55,12 @@ class MoBATransformerConfig(TransformerConfig):
             )
         if self.moba_backend is not None and self.moba_backend not in BACKENDS:
             raise ValueError(f"moba_backend must be one of {sorted(BACKENDS)} or None, got {self.moba_backend!r}")
+        check_key_conv_width(self.moba_key_conv, self.moba_chunk_size)
+        if self.moba_key_conv and self.num_query_groups % self.tensor_model_parallel_size:
+            raise ValueError(
+                f"moba_key_conv needs num_query_groups ({self.num_query_groups}) divisible by "
+                f"tensor_model_parallel_size ({self.tensor_model_parallel_size}): its weights split with the kv heads"
+            )
         if self.moba_cp_comm not in CP_COMM_MODES:
             raise ValueError(f"moba_cp_comm must be one of {CP_COMM_MODES}, got {self.moba_cp_comm!r}")
         if self.attention_dropout:

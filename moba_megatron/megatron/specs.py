@@ -1,7 +1,9 @@
-"""Layer and block specs: megatron-core's GPT specs with ``core_attention`` swapped for MoBA.
+"""Layer and block specs: megatron-core's GPT specs with ``core_attention`` swapped for MoBA, and
+``self_attention`` for ``MoBASelfAttention`` (megatron's SelfAttention, plus the key convolution when
+``moba_key_conv`` asks for it).
 
 Everything else (linear layers, norms, MLP, the Transformer Engine or local flavour) is exactly what
-megatron-core builds, so swapping attention touches one field.
+megatron-core builds.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import copy
 
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .attention import MoBAAttention
+from .self_attention import MoBASelfAttention
 
 
 def te_available() -> bool:
@@ -28,6 +32,8 @@ def _with_moba(layer_spec: ModuleSpec) -> ModuleSpec:
     if not hasattr(attention.submodules, "core_attention"):
         raise ValueError(f"layer spec {layer_spec.module} has no self_attention.core_attention to replace")
     attention.submodules.core_attention = MoBAAttention
+    if attention.module is SelfAttention:
+        attention.module = MoBASelfAttention
     return spec
 
 

@@ -94,6 +94,7 @@ def mcore_to_hf(args) -> None:
             raise ValueError(f"{path}: no such file ({what}; written by hf-to-mcore, "
                              "carried by moba-pretrain into its --save folder)")
     job = parse_args(["--config", str(config_path)])
+    hf.check_llama_form(job.moba_key_conv)
     if job.rotary_percent != 1.0:
         raise ValueError(f"{config_path}: rotary_percent {job.rotary_percent}; a Llama turns every head dim by "
                          "RoPE, so this model has no Llama form (train it with rotary_percent 1)")

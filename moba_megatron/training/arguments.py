@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "flash (FlashAttention-2) or fused (cuDNN)")
     g.add_argument("--moba-cp-comm", choices=["auto", "routed", "allgather"], default="auto",
                    help="how context parallelism exchanges MoBA blocks")
+    g.add_argument("--moba-key-conv", type=int, default=0, metavar="W",
+                   help="width of a learnable causal convolution over each sequence's keys before rotary embedding, "
+                        "initialized to the identity (0: none)")
+    g.add_argument("--moba-full-attn-from-iter", type=int, default=None, metavar="N",
+                   help="every layer on full attention from iteration N on (the last phase of a MoBA run)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -169,17 +169,32 @@ def save_weights(directory: str, model) -> None:
     _track(root, RELEASE)
 
 
-def load_weights(directory: str, model) -> int:
+def load_weights(directory: str, model, log=None) -> int:
     """The model's weights from the latest checkpoint (any layout); returns its iteration. Used by
-    ``--finetune`` and for released weights: no optimizer, schedule or RNG state."""
+    ``--finetune`` and for released weights: no optimizer, schedule or RNG state. A key convolution
+    the checkpoint does not hold (``--moba-key-conv`` added to a model trained without it) keeps its
+    identity start, and ``log`` says so."""
     from megatron.core import dist_checkpointing
 
     tracked = _tracked(directory)
     if tracked is None:
         raise JobError(f"--load {directory} --finetune: no checkpoint there ({LATEST} missing)")
+    path = str(_existing(directory, tracked))
     module = getattr(model, "module", model)  # the job's DDP wrapper, or a bare model
-    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(_existing(directory, tracked)))
-    module.load_state_dict(state["model"])
+    wanted = module.sharded_state_dict()
+    held = dist_checkpointing.load_tensors_metadata(path)
+    new = [name for name, tensor in wanted.items() if ".key_conv." in name and getattr(tensor, "key", name) not in held]
+    for name in new:
+        del wanted[name]
+    state = dist_checkpointing.load({"model": wanted}, path)
+    result = module.load_state_dict(state["model"], strict=not new)
+    if new:
+        left = sorted(set(result.missing_keys) - set(new))
+        if left or result.unexpected_keys:
+            raise JobError(f"--load {directory}: the checkpoint does not fit the model: missing {left}, "
+                           f"unexpected {sorted(result.unexpected_keys)}")
+        if log is not None:
+            log(f"--load {directory}: the checkpoint has no key convolution; it starts at the identity")
     return 0 if tracked == RELEASE else int(tracked)
 
 

@@ -214,6 +214,15 @@ def evaluate(args, model, valid, positions, mine, micro_batches: int, device: st
     return total / args.eval_iters
 
 
+def switch_to_full_attention(model, iteration: int, log: Logger) -> None:
+    """``--moba-full-attn-from-iter``: every layer on full attention from ``iteration`` on (also when a
+    run resumes past it)."""
+    from ..megatron import set_moba_enabled
+
+    if set_moba_enabled(model, False):
+        log(f" > every layer on full attention from iteration {iteration} on (--moba-full-attn-from-iter)")
+
+
 def train(args, model, optimizer, scheduler, data, valid, start: int, micro_batches: int, device: str, log: Logger):
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
@@ -234,6 +243,9 @@ def train(args, model, optimizer, scheduler, data, valid, start: int, micro_batc
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     iteration = start
     for iteration in range(start + 1, args.train_iters + 1):
+        full_from = args.moba_full_attn_from_iter
+        if full_from is not None and iteration == max(start + 1, full_from):
+            switch_to_full_attention(model, iteration, log)
         model.zero_grad_buffer()
         optimizer.zero_grad()
         batches = _micro_batches(args, data, (iteration - 1) * args.global_batch_size, micro_batches, mine, device)

@@ -49,6 +49,8 @@ def check_args(args, world_size: int) -> int:
     if args.global_batch_size % per_step != 0:
         raise JobError(f"--global-batch-size {args.global_batch_size} is not a multiple of micro batch "
                        f"{args.micro_batch_size} x data parallel {dp}")
+    if args.moba_full_attn_from_iter is not None and args.moba_full_attn_from_iter < 1:
+        raise JobError(f"--moba-full-attn-from-iter {args.moba_full_attn_from_iter} must be an iteration >= 1")
     if args.lr_warmup_iters and args.lr_warmup_iters >= args.train_iters:
         raise JobError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
     if args.seq_length % tp and args.sequence_parallel:
@@ -139,6 +141,7 @@ def transformer_config(args, device: str | None = None) -> MoBATransformerConfig
             moba_enabled=args.moba_enabled,
             moba_backend=args.moba_backend,
             moba_cp_comm=args.moba_cp_comm,
+            moba_key_conv=args.moba_key_conv,
             attention_backend=AttnBackend[args.attention_backend],
             **_recompute(args),
         )

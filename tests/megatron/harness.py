@@ -21,13 +21,28 @@ def _run_rank(rank: int, fn, world: int, port: int, kwargs: dict) -> None:
     fn(rank, world, port, **kwargs)
 
 
+# What every rank imports: loaded once by the fork server, so a rank starts with it in memory.
+_PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "megatron.core.models.gpt",
+            "moba_megatron.megatron", "moba_megatron.parallel"]
+
+
 def spawn_ranks(fn, world: int, **kwargs) -> None:
     """Run ``fn(rank, world, port, **kwargs)`` in ``world`` processes, one per rank; ``fn`` must be
-    a module-level function (it is pickled into the children)."""
+    a module-level function (it is pickled into the children).
+
+    Without CUDA the ranks are forked from a fork server that imported torch and megatron-core once
+    for the whole pytest run: a fresh interpreter spends seconds on those imports, most of a
+    small test's time. (Forking the test process itself would copy its state: parallel groups and
+    locks of earlier tests.) With CUDA, each rank is a fresh interpreter, as CUDA requires."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_run_rank, args=(fn, world, free_port(), kwargs), nprocs=world, join=True)
+    method = "spawn" if torch.cuda.is_available() else "forkserver"
+    if method == "forkserver":
+        multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    mp.start_processes(_run_rank, args=(fn, world, free_port(), kwargs), nprocs=world, join=True, start_method=method)
 
 
 def init_parallel(

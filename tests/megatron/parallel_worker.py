@@ -24,10 +24,22 @@ def gather_full(param: torch.Tensor, grad: torch.Tensor, tp_group) -> torch.Tens
     return torch.cat(parts, dim=param.partition_dim)
 
 
+def away_from_identity(model, tp_rank: int) -> None:
+    """Key convolution weights away from the identity, the same at every layout (each TP rank its kv
+    heads' slice of one seeded tensor), so halos and neighbours change the outputs."""
+    from moba_megatron.megatron.self_attention import KeyConv
+
+    for i, conv in enumerate(m for m in model.modules() if isinstance(m, KeyConv)):
+        heads, dim, width = conv.weight.shape
+        full = torch.randn(heads * 64, dim, width, generator=torch.Generator().manual_seed(i)) * 0.5
+        with torch.no_grad():
+            conv.weight.add_(full[tp_rank * heads : (tp_rank + 1) * heads].to(conv.weight))
+
+
 def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu", bf16: bool = False,
          sequence_parallel: bool = False, num_query_groups: int = 4, seq: int = 48, chunk: int = 8, topk: int = 2,
          sp_norm: bool | None = None, kind: str = "moba", cp: int = 1, comm: str = "auto",
-         full_layers: tuple[int, ...] = ()):
+         full_layers: tuple[int, ...] = (), key_conv: int = 0):
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
@@ -49,10 +61,13 @@ def step(rank: int, world: int, port: int, tp: int, out: str, device: str = "cpu
         ffn_hidden_size=256,
         moba_chunk_size=chunk,
         moba_topk=topk,
+        moba_key_conv=key_conv,
         bf16=bf16,
     )
     sp_norm = sequence_parallel if sp_norm is None else sp_norm  # the TP=1 reference uses the same norms
     model = build_gpt(config, kind, sequence_parallel_norm=sp_norm).to(device)
+    if key_conv:
+        away_from_identity(model, parallel_state.get_tensor_model_parallel_rank())
     if bf16:
         model = Float16Module(config, model)
     tokens, position_ids, mask, labels = batch(seq=seq, device=device)

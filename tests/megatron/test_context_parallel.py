@@ -5,6 +5,8 @@ import pytest
 
 from .test_tensor_parallel import compare, results
 
+pytestmark = pytest.mark.slow  # each test launches processes
+
 SETTINGS = dict(seq=64, chunk=8, topk=2, full_layers=(2,))
 
 

@@ -164,3 +164,43 @@ def test_rotary_percent_turns_part_of_each_head():
     assert built[1.0].rotary_pos_emb.inv_freq.numel() * 2 == head_dim
     half, whole = run(built[0.5]), run(built[1.0])
     assert torch.isfinite(half[0]).all() and (half[0] - whole[0]).abs().max() > 1e-4
+
+
+def test_key_conv_starts_at_the_identity_in_every_layer():
+    """With the convolution at its identity start the model gives the outputs it gives without it,
+    full-attention layers included; the convolution's weights get gradients."""
+    plain = run(build_gpt(tiny_config(moba_full_attn_layers=[2])))
+    model = build_gpt(tiny_config(moba_full_attn_layers=[2], moba_key_conv=3))
+    convs = [n for n, _ in model.named_parameters() if "key_conv" in n]
+    assert len(convs) == 2  # every layer, the full-attention one too
+    logits, loss, grads = run(model)
+    assert torch.equal(logits, plain[0])
+    assert all(grads[n].abs().sum() > 0 for n in convs)
+
+
+def test_key_conv_in_packed_sequences_keeps_them_apart():
+    """THD: changing the first sequence's tokens leaves the second sequence's outputs as they were."""
+    model = build_gpt(tiny_config(moba_key_conv=3))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "key_conv" in name:
+                p.add_(0.5)
+    cu = torch.tensor([0, 20, SEQ], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=28, max_seqlen_kv=28)
+    tokens, _, _, _ = batch(batch_size=1)
+    positions = torch.cat([torch.arange(20), torch.arange(SEQ - 20)])[None]
+    other = tokens.clone()
+    other[0, :20] = (other[0, :20] + 1) % 100
+    with torch.no_grad():
+        a = model(tokens, positions, None, packed_seq_params=packed)
+        b = model(other, positions, None, packed_seq_params=packed)
+    assert torch.equal(a[0, 20:], b[0, 20:]) and not torch.equal(a[0, :20], b[0, :20])
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(moba_key_conv=1), "moba_key_conv must be 0 \\(off\\) or a width >= 2"),
+    (dict(moba_key_conv=9, moba_chunk_size=8), "moba_key_conv 9 is wider than moba_chunk_size 8"),
+])
+def test_bad_key_conv_is_refused(fields, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**fields)

@@ -8,6 +8,8 @@ from tests.helpers import assert_close
 
 from .parallel_worker import spawn
 
+pytestmark = pytest.mark.slow  # each test launches processes
+
 
 def results(tmp_path, world, **kwargs):
     """Rank 0's loss and full gradients; ``tp`` defaults to the whole world."""

@@ -6,6 +6,8 @@ import torch
 
 from .cp_worker import CPU_CASES, spawn
 
+pytestmark = pytest.mark.slow  # each test launches processes
+
 
 @pytest.mark.parametrize("cp,tp", [(2, 1), (4, 1), (2, 2)])
 def test_cp_matches_single_device(tmp_path, cp, tp):

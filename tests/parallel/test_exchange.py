@@ -11,6 +11,8 @@ from moba_megatron.ops.moba.layout import block_layout
 from moba_megatron.parallel import gather_block_sums, local_positions, shard_blocks
 from tests.megatron.harness import spawn_ranks
 
+pytestmark = pytest.mark.slow  # each test launches processes
+
 SEQ, CHUNK, HKV, D = 96, 4, 2, 8
 
 

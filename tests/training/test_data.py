@@ -13,6 +13,7 @@ from moba_megatron.training.data import KEY, QUERY, IndexedGPTData, SyntheticRet
 from moba_megatron.training.tokenizer import build_tokenizer, padded_vocab_size
 
 
+@pytest.mark.slow
 def test_preprocess_jsonl_and_text_round_trip(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers.job import LOSS, ROOT, SMALL
 
+pytestmark = pytest.mark.slow  # each test launches processes
+
 ITERS = 12
 ARGS = [*SMALL, "--train-iters", str(ITERS)]
 TIMEOUT = 240

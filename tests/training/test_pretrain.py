@@ -21,10 +21,13 @@ from tests.helpers.job import (  # noqa: F401
 )
 
 
+@pytest.mark.slow
 def test_loss_falls_with_two_ranks():
     result = pretrain("--config", "configs/tiny-cpu.yaml", "--train-iters", "30")
     found = losses(result)
     assert len(found) == 3 and found[30] and float(found[30]) < 0.7 * float(found[10]), result.stdout
+    # the synthetic task validates every --eval-interval (20 in the config) and after training
+    assert [int(i) for i, _, _ in VALIDATION.findall(result.stdout)] == [20, 30]
     assert "TFLOP/s per GPU" in result.stdout and "tokens/s" in result.stdout
     # megatron-core's ~25 startup warnings about TE/apex: hidden, said once by the job instead
     everything = result.stdout + result.stderr
@@ -44,6 +47,7 @@ def test_other_warnings_still_show():
     assert [str(w.message) for w in seen] == ["a real problem"]
 
 
+@pytest.mark.slow
 def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
     import json
 
@@ -83,11 +87,7 @@ def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
     )
 
 
-def test_synthetic_task_validates(tmp_path):
-    result = pretrain(*SMALL, "--train-iters", "6", "--eval-interval", "3", "--eval-iters", "2")
-    assert [int(i) for i, _, _ in VALIDATION.findall(result.stdout)] == [3, 6]
-
-
+@pytest.mark.slow
 def test_resume_is_exact_and_reshards(tmp_path):
     straight = losses(pretrain(*SMALL, "--train-iters", "6"))
     pretrain(*SMALL, "--train-iters", "6", "--save", str(tmp_path), "--exit-interval", "3")
@@ -109,10 +109,12 @@ def test_resume_is_exact_and_reshards(tmp_path):
             )
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_run_matches_single_rank(tmp_path):
     check_pipeline_matches_single_rank(tmp_path, SMALL, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_context_parallel_run_matches_single_rank():
     # CP=2 splits every sequence over the two ranks; the losses are those of one rank holding all.
     # Full-attention layer included (it runs as MoBA with every block selected under CP).
@@ -125,6 +127,7 @@ def test_context_parallel_run_matches_single_rank():
             assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (comm, it, split, single)
 
 
+@pytest.mark.slow
 def test_activation_recompute_keeps_the_losses():
     from moba_megatron.training.arguments import parse_args
     from moba_megatron.training.setup import transformer_config
@@ -144,6 +147,7 @@ def test_activation_recompute_keeps_the_losses():
             assert abs(float(again[it]) - float(plain[it])) < 1e-6 * float(plain[it]), (extra, again, plain)
 
 
+@pytest.mark.slow
 def test_8_gpu_layout_matches_single_rank():
     # The 8-GPU validation's layout (TP 2 x CP 4, configs/llama3-8b-2layer-1m.yaml) at toy sizes on
     # 8 gloo ranks: the losses of one rank holding the whole model and sequence.
@@ -188,6 +192,9 @@ def job_checks(argv, world_size=2):
          "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR"),
         (["--data-path", "/nonexistent/corpus", "--tokenizer-type", "HuggingFaceTokenizer",
           "--tokenizer-model", "/nonexistent/tok"], "--tokenizer-model /nonexistent/tok: no such folder"),
+        (["--moba-key-conv", "1"], "moba_key_conv must be 0 (off) or a width >= 2, got 1"),
+        (["--moba-key-conv", "65"], "moba_key_conv 65 is wider than moba_chunk_size 64"),
+        (["--moba-full-attn-from-iter", "0"], "--moba-full-attn-from-iter 0 must be an iteration >= 1"),
     ],
 )
 def test_bad_flags_name_the_problem(args, message):
@@ -238,3 +245,23 @@ def test_flags_turn_off_switches_a_config_turns_on():
     assert parse_args(config).bf16 and parse_args(config).sequence_parallel
     off = parse_args([*config, "--no-bf16", "--no-sequence-parallel"])
     assert not off.bf16 and not off.sequence_parallel
+
+
+@pytest.mark.slow
+def test_key_conv_finetune_and_full_attention_phase(tmp_path):
+    """--finetune adds the key convolution to a model trained without it, at the identity (the first
+    step's loss is the plain model's); --moba-full-attn-from-iter switches every layer to full
+    attention at that iteration, and a run resumed past it stays there."""
+    base, run = str(tmp_path / "base"), str(tmp_path / "run")
+    pretrain(*SMALL, "--train-iters", "2", "--save", base, "--eval-iters", "0")
+    tune = [*SMALL, "--load", base, "--finetune", "--eval-iters", "0", "--lr", "1e-3"]
+    plain = losses(pretrain(*tune, "--train-iters", "1"))
+    flags = ["--moba-key-conv", "3", "--moba-full-attn-from-iter", "3", "--train-iters", "4"]
+    first = pretrain(*tune, *flags, "--save", run, "--exit-interval", "3")
+    assert losses(first)[1] == plain[1], (losses(first), plain)
+    assert "the checkpoint has no key convolution; it starts at the identity" in first.stdout
+    assert "every layer on full attention from iteration 3 on" in first.stdout
+    resumed = pretrain(*SMALL, "--load", run, "--eval-iters", "0", "--lr", "1e-3", *flags)
+    assert sorted(losses(resumed)) == [4]
+    assert "every layer on full attention from iteration 4 on" in resumed.stdout
+

@@ -1,0 +1,153 @@
+"""The current tables of benchmarks/RESULTS.md, generated from the benchmarks' JSON output in
+benchmarks/results/ (what `bench_op.py --json` and `bench_train.py --json` write on the GPU).
+
+    python benchmarks/results_tables.py           # rewrite the tables in RESULTS.md
+    python benchmarks/results_tables.py --check   # exit 1 if RESULTS.md differs from the JSON (a test runs this)
+
+A table sits between `<!-- table: NAME -->` and `<!-- end table -->` in RESULTS.md; NAME picks the
+function below that renders it. Each table names its card, commit, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+DATA = HERE / "results"
+K = 1024
+
+
+def _load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def _source(run: dict) -> str:
+    return (f"{run['device']}, commit `{run['commit']}`, {run['date']}, torch {run['torch']}, Triton {run['triton']}: "
+            f"`{run['command'].replace('/root/out/', '').replace('$OUT/', '')}`")
+
+
+def _length(tokens: int) -> str:
+    return f"{tokens // (K * K)}M" if tokens >= K * K else f"{tokens // K}K"
+
+
+def _case(r: dict) -> str:
+    gqa = f", GQA {r['heads']} / {r['kv_heads']}" if r["heads"] != r["kv_heads"] else ""
+    heads = f"{r['heads']} x {r['head_dim']}" if not gqa else ""
+    return f"{_length(r['seqlen'])}, {r['chunk']} / {r['topk']}{gqa}" + (f", {heads}" if heads else "")
+
+
+def _op_rows(run: dict) -> list[str]:
+    """One row per MoBA case: its time and peak against the dense baselines of its shape."""
+    rows = run["results"]
+    dense = {}
+    for r in rows:
+        if r["method"] in ("cudnn", "fa2") and not r.get("oom"):
+            dense[(r["seqlen"], r["heads"], r["kv_heads"], r["head_dim"], r["method"])] = r
+    out = ["| case | MoBA fwd+bwd ms | cuDNN dense ms | MoBA / cuDNN | FA2 dense ms | MoBA peak GB | cuDNN peak GB |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["method"] != "moba":
+            continue
+        shape = (r["seqlen"], r["heads"], r["kv_heads"], r["head_dim"])
+        cudnn, fa2 = dense.get((*shape, "cudnn")), dense.get((*shape, "fa2"))
+        cells = [_case(r), f"{r['fwd_bwd_ms']:.1f}",
+                 f"{cudnn['fwd_bwd_ms']:.1f}" if cudnn else "-",
+                 f"**{r['fwd_bwd_ms'] / cudnn['fwd_bwd_ms']:.3f}**" if cudnn else "-",
+                 f"{fa2['fwd_bwd_ms']:.1f}" if fa2 else "-",
+                 f"{r['peak_gb']:.2f}", f"{cudnn['peak_gb']:.2f}" if cudnn else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def op_speed() -> list[str]:
+    run = _load("op-speed.json")
+    return [*_op_rows(run), "", f"Source: {_source(run)}."]
+
+
+def small_blocks() -> list[str]:
+    """The equal-sparsity sweep: one row per length, one column per block / top-k."""
+    run = _load("equal-sparsity.json")
+    moba = [r for r in run["results"] if r["method"] == "moba"]
+    out = []
+    for seqlen in sorted({r["seqlen"] for r in moba}):
+        row = [r for r in moba if r["seqlen"] == seqlen]
+        first = row[0]
+        out += [f"{_length(seqlen)} tokens, {first['heads']} heads of {first['head_dim']}, "
+                f"{first['chunk'] * first['topk']} keys a query:", "",
+                "| block / top-k | " + " | ".join(f"{r['chunk']} / {r['topk']}" for r in row) + " |",
+                "|---|" + "---:|" * len(row),
+                "| fwd+bwd ms | " + " | ".join(f"{r['fwd_bwd_ms']:.1f}" for r in row) + " |",
+                "| over cuDNN dense | " + " | ".join(f"**{r['vs_cudnn']:.2f}**" for r in row) + " |",
+                "| peak GB | " + " | ".join(f"{r['peak_gb']:.2f}" for r in row) + " |", ""]
+    dense = [r for r in run["results"] if r["method"] == "cudnn"]
+    out.append("cuDNN dense fwd+bwd: " + ", ".join(f"{_length(r['seqlen'])} {r['fwd_bwd_ms']:.1f} ms "
+                                                  f"(peak {r['peak_gb']:.2f} GB)" for r in dense) + ".")
+    out += ["", f"Source: {_source(run)}."]
+    return out
+
+
+def _blocks(run: dict) -> str:
+    """MoBA's block / top-k of a training run: its flags, else its config's."""
+    import yaml
+
+    config = yaml.safe_load((HERE.parent / run["config"]).read_text())
+    chunk = run.get("moba_chunk_size") or config["moba_chunk_size"]
+    topk = run.get("moba_topk") or config["moba_topk"]
+    return f"{chunk} / {topk}"
+
+
+def training_step() -> list[str]:
+    """Steady step times (median after the warm-up steps) of each run, against full attention on
+    cuDNN in the same invocation, or, for a run of MoBA alone, in the invocation named."""
+    runs = [("train-125m.json", "125M at 32K, `configs/gpt-125m-32k.yaml`, batch 2", None),
+            ("train-125m-128-48.json", "the same", "train-125m.json"),
+            ("train-8b.json", "two Llama-3-8B-shape layers at 128K, `configs/llama3-8b-2layer-1m.yaml`", None)]
+    out = ["| model | MoBA blocks | MoBA ms a step | full attention (cuDNN) ms | MoBA / full | max allocated GiB, "
+           "MoBA / full |", "|---|---|---:|---:|---:|---|"]
+    sources = []
+    for name, what, full_from in runs:
+        run = _load(name)
+        full = (_load(full_from) if full_from else run)["results"]["full-cudnn"]
+        moba = run["results"]["moba"]
+        out.append(f"| {what} | {_blocks(run)} | {moba['steady_ms']:.1f} | {full['steady_ms']:.1f} | "
+                   f"**{moba['steady_ms'] / full['steady_ms']:.3f}** | "
+                   f"{moba['max_alloc_gib']:.1f} / {full['max_alloc_gib']:.1f} |")
+        sources.append(f"- {_source(run)}" + (" (full attention from the first run)" if full_from else ""))
+    return [*out, "", "Sources:", *sources]
+
+
+TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step}
+BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
+
+
+def render(text: str) -> str:
+    def table(m: re.Match) -> str:
+        if m.group(2) not in TABLES:
+            raise SystemExit(f"RESULTS.md names an unknown table {m.group(2)!r}; known: {sorted(TABLES)}")
+        return m.group(1) + "\n".join(TABLES[m.group(2)]()) + "\n" + m.group(4)
+
+    return BLOCK.sub(table, text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md's tables differ from the JSON")
+    args = parser.parse_args(argv)
+    text = RESULTS.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("benchmarks/RESULTS.md's tables differ from benchmarks/results/*.json; run "
+                  "python benchmarks/results_tables.py", file=sys.stderr)
+            raise SystemExit(1)
+        return
+    RESULTS.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
