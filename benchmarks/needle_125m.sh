@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# The needle eval's GPU run: the 125M config (configs/gpt-125m-32k.yaml) taught the synthetic task's
-# retrieval at 32K, then the needle grid for MoBA (the config: 2048 / 3, layer 12 full) and/or full
-# attention, each fine-tuned at 32K from one shared base.
+# The retrieval study on one GPU: the 125M config (configs/gpt-125m-32k.yaml) taught the synthetic
+# task's retrieval on a dense base, then each variant fine-tuned at 32K from that one base and put
+# through the needle grid; at the end the summary (benchmarks/needle_summary.py): one table, the
+# heatmaps side by side (OUTDIR/heatmaps.png), the loss by position at 32K (OUTDIR/position_loss.png).
 #
-#   benchmarks/needle_125m.sh OUTDIR moba [full] [moba:CHUNK:TOPK ...]
+#   benchmarks/needle_125m.sh OUTDIR VARIANT...      # no VARIANT: the base and its stages alone
 #
-# moba is the config's MoBA; moba:512:8 the same model fine-tuned and evaluated with --moba-chunk-size 512
-# --moba-topk 8 (results in OUTDIR/moba-512-8); full is --moba-disable.
+# A variant is `full` (--moba-disable), `moba` (the config's MoBA, 2048 / 3 with layer 12 full) or
+# `moba:CHUNK:TOPK`, followed by any of `:conv=W` (--moba-key-conv W), `:steps=N` (N steps at 32K
+# instead of LONG_ITERS) and `:full-from=N` (--moba-full-attn-from-iter N): for example
+# `moba:128:48:conv=3:steps=800:full-from=700`. Results go to OUTDIR/NAME, NAME the variant with `-`
+# for `:` and without `=` (moba-128-48-conv3-steps800-full-from700).
+#
 # Why the stages (benchmarks/RESULTS.md, "Retrieval quality"): the 125M model forms an induction head (the
 # loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8 needles, vocabulary 64, after
 # 500-2000 steps; with vocabulary 2048, not in 3200. Each 4-8x lengthening then regains retrieval within a
 # few hundred steps. The vocabulary fixes the key range (the task takes max(pairs, (vocab - 3) // 8) keys),
-# so every stage keeps 8 needles. The retrieval-quality table comes from
-#   CHECKS=0 PARALLEL=1 BASE_ITERS=2000 STAGE_ITERS=300 LONG_ITERS=200 benchmarks/needle_125m.sh OUT moba full
-# (8.5 minutes on one H200). CHECKS=0 skips the check after each stage (about 20 s each).
-# Step counts: BASE_ITERS (2000), STAGE_ITERS (300 at each stage), LONG_ITERS (200 at 32K). CONFIG, STAGES
-# and LENGTHS (of the needle grid) change the model, the lengthening and the grid (on CPU with CONFIG=configs/tiny-cpu.yaml).
-# PARALLEL=1 fine-tunes the variants at once on the one GPU (their step times then overlap).
+# so every stage keeps 8 needles. The base and its stages take about 5 minutes on one H200; a base already in
+# RUNS (default OUTDIR/checkpoints) is reused, so a study can span several machine calls.
+# Step counts: BASE_ITERS (2000), STAGE_ITERS (300 at each stage), LONG_ITERS (200 at 32K); SAMPLES (24) probes a
+# cell. CONFIG, STAGES and LENGTHS (of the needle grid) change the model, the lengthening and the grid (on CPU
+# with CONFIG=configs/tiny-cpu.yaml). CHECKS=0 skips the check after each stage (about 20 s each). Variants run
+# one after the other, so each fine-tune's step time is its own; PARALLEL=1 runs them side by side instead
+# (less wall time, shared step times).
 set -euo pipefail
-out=${1:?usage: benchmarks/needle_125m.sh OUTDIR moba [full] [moba:CHUNK:TOPK ...]}
+usage="usage: benchmarks/needle_125m.sh OUTDIR VARIANT... (full, moba, moba:CHUNK:TOPK[:conv=W][:steps=N][:full-from=N])"
+out=${1:?$usage}
 shift
-[ $# -gt 0 ] || set -- moba full
+variant_re='^(full|moba(:[0-9]+:[0-9]+)?(:conv=[0-9]+|:steps=[0-9]+|:full-from=[0-9]+)*)$'
 for variant in "$@"; do
-    [[ $variant =~ ^(moba|full|moba:[0-9]+:[0-9]+)$ ]] || { echo "unknown variant $variant (moba, full or moba:CHUNK:TOPK)"; exit 2; }
+    [[ $variant =~ $variant_re ]] || { echo "needle_125m.sh: cannot parse variant '$variant': $usage" >&2; exit 2; }
 done
 source "$(dirname "$0")/../launch/env.sh"
 runs=${RUNS:-$out/checkpoints}
@@ -45,32 +52,56 @@ check() {  # LENGTH CHECKPOINT: the loss by kind of token at that length and one
         --lengths "$1" --depths 0.5 --samples 4 --out "$out/check$1"
 }
 
-log "base: 64 tokens, 256 sequences a step, full attention"
-job base moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 --moba-disable \
-    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2000}" --log-interval 200 --save "$runs/s64"
-check 64 s64
-previous=s64
-for stage in ${STAGES:-512:32 4096:4}; do  # LENGTH:SEQUENCES, 16K tokens a step (one MoBA block: full attention is the same)
-    length=${stage%:*} micro=${stage#*:}
-    log "$length tokens"
-    job "s$length" moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" --moba-disable \
-        --seq-length "$length" --micro-batch-size "$micro" --global-batch-size "$micro" \
-        --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-300}" --log-interval 50
-    check "$length" "s$length"
-    previous=s$length
-done
+stages=(${STAGES:-512:32 4096:4})  # LENGTH:SEQUENCES, 16K tokens a step (one MoBA block: full attention is the same)
+last=s${stages[-1]%:*}
+if [ -f "$runs/$last/latest_checkpointed_iteration.txt" ]; then
+    log "base: reusing $runs/$last"
+else
+    log "base: 64 tokens, 256 sequences a step, full attention"
+    job base moba_megatron.pretrain "${task[@]}" --seq-length 64 --micro-batch-size 256 --global-batch-size 256 \
+        --moba-disable --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 100 --train-iters "${BASE_ITERS:-2000}" --log-interval 200 \
+        --save "$runs/s64"
+    check 64 s64
+    previous=s64
+    for stage in "${stages[@]}"; do
+        length=${stage%:*} micro=${stage#*:}
+        log "$length tokens"
+        job "s$length" moba_megatron.pretrain "${task[@]}" --load "$runs/$previous" --finetune --save "$runs/s$length" \
+            --moba-disable --seq-length "$length" --micro-batch-size "$micro" --global-batch-size "$micro" \
+            --lr 5e-4 --min-lr 5e-4 --lr-warmup-iters 10 --train-iters "${STAGE_ITERS:-300}" --log-interval 50
+        check "$length" "s$length"
+        previous=s$length
+    done
+fi
 long() {  # VARIANT: fine-tune at the config's length, then the needle grid
-    local name=$1 flags=() chunk topk
-    case $1 in
+    local name flags=() iters=${LONG_ITERS:-200} part parts
+    IFS=: read -r -a parts <<< "$1"
+    name=${1//:/-}
+    name=${name//=/}
+    case ${parts[0]} in
         full) flags=(--moba-disable) ;;
-        moba:*) IFS=: read -r _ chunk topk <<< "$1"; name=moba-$chunk-$topk; flags=(--moba-chunk-size "$chunk" --moba-topk "$topk") ;;
     esac
-    log "$name at the config's length"
-    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$previous" --finetune --save "$runs/$name" \
+    if [[ ${parts[1]:-} =~ ^[0-9]+$ ]]; then
+        flags+=(--moba-chunk-size "${parts[1]}" --moba-topk "${parts[2]}")
+    fi
+    for part in "${parts[@]:1}"; do
+        case $part in
+            conv=*) flags+=(--moba-key-conv "${part#conv=}") ;;
+            steps=*) iters=${part#steps=} ;;
+            full-from=*) flags+=(--moba-full-attn-from-iter "${part#full-from=}") ;;
+        esac
+    done
+    log "$name at the config's length, $iters steps"
+    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$last" --finetune --save "$runs/$name" \
         --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 --lr-warmup-iters 10 \
-        --train-iters "${LONG_ITERS:-200}" --log-interval 20
-    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "${flags[@]}" --load "$runs/$name" --token-losses 2 \
-        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples 6 --out "$out/$name"
+        --train-iters "$iters" --log-interval 20
+    local eval_flags=("${flags[@]}")
+    if [[ " ${flags[*]} " == *" --moba-full-attn-from-iter "* ]]; then
+        eval_flags+=(--moba-disable)  # it ended on full attention: evaluate it so
+    fi
+    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "${eval_flags[@]}" --load "$runs/$name" --token-losses 2 \
+        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples "${SAMPLES:-24}" \
+        --out "$out/$name"
 }
 if [ "${PARALLEL:-0}" = 1 ]; then  # the variants side by side on the one GPU: less wall time, their step times shared
     pids=()
@@ -79,4 +110,5 @@ if [ "${PARALLEL:-0}" = 1 ]; then  # the variants side by side on the one GPU: l
 else
     for variant in "$@"; do long "$variant"; done
 fi
+[ $# -eq 0 ] || python3 "$(dirname "$0")/needle_summary.py" "$out" | tee -a "$out/log.txt"
 log done

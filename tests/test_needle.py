@@ -71,6 +71,11 @@ def test_eval_writes_accuracy_by_length_and_depth(tmp_path, layout):
         assert losses["question value"]["tokens"] == 2 * pairs
         assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in losses.values())
         assert losses["question value"]["chance_loss"] == pytest.approx(math.log(task.vocab_size - task.first_filler))
+        spans = json.loads((out / "position_losses.json").read_text())
+        assert [r["start"] for r in spans] == [seq_length * b // 16 for b in range(16)]
+        assert sum(r["tokens"] for r in spans) == 2 * seq_length and all(r["loss"] > 0 for r in spans)
+        for r in found:  # each cell's 95% Wilson interval holds its accuracy
+            assert r["probes"] == 2 and r["interval"][0] <= r["accuracy"] <= r["interval"][1]
 
 
 def test_without_matplotlib_the_json_and_one_line(tmp_path, monkeypatch):
@@ -79,3 +84,13 @@ def test_without_matplotlib_the_json_and_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert needle.heatmap([{"length": 8, "depth": 0.0, "accuracy": 1.0}], tmp_path / "x.png", "t") is False
     assert not (tmp_path / "x.png").exists()
+
+
+def test_wilson_interval():
+    from moba_megatron.eval.needle import wilson_interval
+
+    low, high = wilson_interval(12, 24)
+    assert low == pytest.approx(0.314, abs=1e-3) and high == pytest.approx(0.686, abs=1e-3)
+    assert wilson_interval(24, 24)[1] == 1.0 and wilson_interval(24, 24)[0] == pytest.approx(0.862, abs=1e-3)
+    assert wilson_interval(0, 6)[0] == 0.0 and wilson_interval(0, 6)[1] == pytest.approx(0.390, abs=1e-3)
+

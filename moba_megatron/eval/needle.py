@@ -10,7 +10,8 @@ A probe counts as retrieved when every answer token is the model's top predictio
 ``--token-losses N`` first reports a synthetic-task model's loss by kind of token on N validation
 samples, against the chance loss of the random kinds: the question's value below its chance loss is
 retrieval starting, long before a needle grid shows it.
-Writes ``OUT/needle.json`` (a list of ``{"length", "depth", "accuracy"}``) and ``OUT/needle.png``
+Writes ``OUT/needle.json`` (a list of ``{"length", "depth", "accuracy", "probes", "interval"}``, the
+interval a 95% Wilson interval) and ``OUT/needle.png``
 (a heatmap; needs matplotlib, the ``[plot]`` extra). Runs at any TP and CP (``--lengths`` must then
 split into whole MoBA blocks per CP chunk); PP must be 1.
 """
@@ -53,7 +54,8 @@ def parse(argv=None):
     g.add_argument("--out", type=Path, required=True, help="folder for needle.json and needle.png")
     g.add_argument("--token-losses", type=int, default=0, metavar="N",
                    help="synthetic-task models: first the loss by kind of token over N validation samples "
-                        "(--seq-length, --retrieval-pairs), into token_losses.json")
+                        "(--seq-length, --retrieval-pairs), into token_losses.json, and the loss by position "
+                        "into position_losses.json")
     args = parse_args(argv, parser)
     if not args.load:
         parser.error("--load CKPT is required: the model to evaluate")
@@ -150,10 +152,15 @@ def _cp_positions(args, length: int, what: str, device: str) -> torch.Tensor:
     return local_positions(length, cp, parallel_state.get_context_parallel_rank(), device)
 
 
-def token_losses(args, model, task, device: str) -> list[dict]:
+POSITION_BUCKETS = 16
+
+
+def token_losses(args, model, task, device: str) -> tuple[list[dict], list[dict]]:
     """Loss and top-1 accuracy by kind of token (``SyntheticRetrieval.KINDS``) over ``args.token_losses``
     validation samples of the task at ``--seq-length`` with ``--retrieval-pairs``: whether the model
-    uses its context (the question's value falls below its chance loss) before a needle grid says so."""
+    uses its context (the question's value falls below its chance loss) before a needle grid says so.
+    Also the loss by position, in ``POSITION_BUCKETS`` equal spans of the sequence (the MoBA paper's
+    trailing-token loss: attention that drops far context shows as loss rising with position)."""
     from megatron.core import parallel_state
 
     from ..training.data import SyntheticSplit
@@ -162,6 +169,7 @@ def token_losses(args, model, task, device: str) -> list[dict]:
     mine = _cp_positions(args, n, f"--token-losses at --seq-length {n}", device)
     kinds = len(task.KINDS)
     sums = torch.zeros(3, kinds, dtype=torch.float64, device=device)  # loss, hits, count
+    spans = torch.zeros(2, POSITION_BUCKETS, dtype=torch.float64, device=device)  # loss, count
     for i in range(args.token_losses):
         tokens = task.sample(i, SyntheticSplit.VALID)
         held, logits = _logits_at(model, tokens, mine, list(range(n)), device)
@@ -171,10 +179,28 @@ def token_losses(args, model, task, device: str) -> list[dict]:
         hits = (logits.argmax(-1) == labels).double()
         for row, value in enumerate((loss, hits, torch.ones_like(loss))):
             sums[row].index_add_(0, kind, value)
+        bucket = torch.tensor(held, device=device) * POSITION_BUCKETS // n
+        spans[0].index_add_(0, bucket, loss)
+        spans[1].index_add_(0, bucket, torch.ones_like(loss))
     dist.all_reduce(sums, group=parallel_state.get_context_parallel_group())
-    return [{"kind": name, "tokens": int(sums[2, k]), "loss": float(sums[0, k] / sums[2, k]),
-             "accuracy": float(sums[1, k] / sums[2, k]), "chance_loss": task.chance_loss(k)}
-            for k, name in enumerate(task.KINDS) if sums[2, k] > 0]
+    dist.all_reduce(spans, group=parallel_state.get_context_parallel_group())
+    by_kind = [{"kind": name, "tokens": int(sums[2, k]), "loss": float(sums[0, k] / sums[2, k]),
+                "accuracy": float(sums[1, k] / sums[2, k]), "chance_loss": task.chance_loss(k)}
+               for k, name in enumerate(task.KINDS) if sums[2, k] > 0]
+    by_position = [{"start": b * n // POSITION_BUCKETS, "end": (b + 1) * n // POSITION_BUCKETS,
+                    "tokens": int(spans[1, b]), "loss": float(spans[0, b] / spans[1, b])}
+                   for b in range(POSITION_BUCKETS) if spans[1, b] > 0]
+    return by_kind, by_position
+
+
+def wilson_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``hits / trials``."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = hits / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate(args, model, probes, device: str) -> list[dict]:
@@ -192,7 +218,9 @@ def evaluate(args, model, probes, device: str) -> list[dict]:
                 held = torch.tensor([float(wrong), float(len(top))], device=device)
                 dist.all_reduce(held, group=parallel_state.get_context_parallel_group())
                 hits += float(held[0] == 0 and held[1] == len(answer_at))
-            results.append({"length": length, "depth": depth, "accuracy": float(hits) / args.samples})
+            low, high = wilson_interval(int(hits), args.samples)
+            results.append({"length": length, "depth": depth, "accuracy": float(hits) / args.samples,
+                            "probes": args.samples, "interval": [low, high]})
             if dist.get_rank() == 0:
                 print(
                     f"needle: length {length:>8} depth {depth:.2f} accuracy {results[-1]['accuracy']:.2f}", flush=True
@@ -271,9 +299,10 @@ def run(args) -> None:
             print(f"needle: {args.load} (iteration {loaded}), {kind} needles, {attention}", flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
         if args.token_losses:
-            losses = token_losses(args, model, probes.task, device)
+            losses, by_position = token_losses(args, model, probes.task, device)
             if rank0:
                 (args.out / "token_losses.json").write_text(json.dumps(losses, indent=1))
+                (args.out / "position_losses.json").write_text(json.dumps(by_position, indent=1))
                 print(f"needle: loss by kind of token, {args.token_losses} validation samples of {args.seq_length} "
                       f"tokens, {args.retrieval_pairs} pair(s) each", flush=True)
                 for r in losses:

@@ -1,0 +1,152 @@
+"""The summary of a retrieval study (`benchmarks/needle_125m.sh OUT ...`): one table, one picture of
+every variant's needle heatmap side by side, and the position-wise loss at the longest length.
+
+    python benchmarks/needle_summary.py OUT        # prints the table, writes OUT/summary.json,
+                                                   # OUT/heatmaps.png and OUT/position_loss.png
+
+Reads each variant's OUT/NAME/needle.json and position_losses.json (the needle eval's), and its
+fine-tune log OUT/job-NAME.log for the steps at the long length and the step time (the median of
+the logged windows after the first; alone on the card unless the study ran its variants side by
+side). Parity with full attention (docs/data-and-eval.md): the mean accuracy at 16K and 32K each
+within 0.05 of full's, no cell below 0.8 where full's is at least 0.9.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from moba_megatron.eval.needle import wilson_interval
+
+STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \(ms\): ([\d.]+)")
+K = 1024
+
+
+def _length(n: int) -> str:
+    return f"{n // K}K" if n >= K else str(n)
+
+
+def load(out: Path, name: str) -> dict:
+    cells = json.loads((out / name / "needle.json").read_text())
+    log = out / f"job-{name}.log"
+    steps = [(int(i), float(ms)) for i, ms in STEP.findall(log.read_text())] if log.is_file() else []
+    positions = out / name / "position_losses.json"
+    return dict(
+        name=name,
+        cells=cells,
+        steps=max((i for i, _ in steps), default=None),
+        step_ms=statistics.median(ms for _, ms in (steps[1:] or steps)) if steps else None,
+        positions=json.loads(positions.read_text()) if positions.is_file() else None,
+    )
+
+
+def mean_at(run: dict, length: int) -> tuple[float, float, float] | None:
+    """Mean accuracy over the depths at ``length`` and its 95% Wilson interval over the pooled probes."""
+    cells = [c for c in run["cells"] if c["length"] == length]
+    if not cells:
+        return None
+    trials = sum(c.get("probes", 1) for c in cells)
+    hits = sum(c["accuracy"] * c.get("probes", 1) for c in cells)
+    return (hits / trials, *wilson_interval(hits, trials))
+
+
+def parity(run: dict, full: dict, lengths: list[int]) -> list[str]:
+    """What keeps ``run`` from parity with ``full``: an empty list at parity."""
+    gaps = []
+    for n in lengths:
+        mine, theirs = mean_at(run, n), mean_at(full, n)
+        if mine and theirs and mine[0] < theirs[0] - 0.05:
+            gaps.append(f"mean at {_length(n)} {mine[0]:.2f} against {theirs[0]:.2f}")
+    for c in run["cells"]:
+        ref = next((f for f in full["cells"] if f["length"] == c["length"] and f["depth"] == c["depth"]), None)
+        if ref and ref["accuracy"] >= 0.9 and c["accuracy"] < 0.8:
+            gaps.append(f"cell {_length(c['length'])} / {c['depth']:.2f} at {c['accuracy']:.2f}")
+    return gaps
+
+
+def table(runs: list[dict], lengths: list[int]) -> list[str]:
+    full = next((r for r in runs if r["name"] == "full"), None)
+    head = ["variant", "steps at the long length", "step ms", "vs full"]
+    head += [f"mean at {_length(n)} [95%]" for n in lengths] + ["worst cell", "parity"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        ratio = (f"{run['step_ms'] / full['step_ms']:.2f}" if full and full["step_ms"] and run["step_ms"] else "-")
+        means = []
+        for n in lengths:
+            m = mean_at(run, n)
+            means.append(f"{m[0]:.2f} [{m[1]:.2f}, {m[2]:.2f}]" if m else "-")
+        worst = min(run["cells"], key=lambda c: (c["accuracy"], -c["length"]))
+        gaps = parity(run, full, lengths) if full and run is not full else []
+        verdict = "-" if run is full or not full else ("yes" if not gaps else "no: " + "; ".join(gaps[:2]))
+        step = f"{run['step_ms']:.0f}" if run["step_ms"] else "-"
+        rows.append("| " + " | ".join([run["name"], str(run["steps"] or "-"), step, ratio, *means,
+                                       f"{worst['accuracy']:.2f} ({_length(worst['length'])}, {worst['depth']:.2f})",
+                                       verdict]) + " |")
+    return rows
+
+
+def draw(runs: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("needle_summary: no matplotlib; the pictures are skipped (pip install 'moba-megatron[plot]')")
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        lengths = sorted({c["length"] for c in run["cells"]})
+        depths = sorted({c["depth"] for c in run["cells"]})
+        grid = [[next(c["accuracy"] for c in run["cells"] if c["length"] == n and c["depth"] == d) for n in lengths]
+                for d in depths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_length(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        for y, row in enumerate(grid):
+            for x, value in enumerate(row):
+                ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(run["name"], fontsize=9)
+    axes[0][0].set_ylabel("needle depth")
+    fig.tight_layout()
+    fig.savefig(out / "heatmaps.png", dpi=110)
+    plt.close(fig)
+    with_positions = [r for r in runs if r["positions"]]
+    if with_positions:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for run in with_positions:
+            ax.plot([(p["start"] + p["end"]) / 2 / K for p in run["positions"]], [p["loss"] for p in run["positions"]],
+                    marker="o", markersize=3, label=run["name"])
+        ax.set_xlabel("position (K tokens)")
+        ax.set_ylabel("loss")
+        ax.set_title("loss by position at the longest length")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "position_loss.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python benchmarks/needle_summary.py OUT")
+    out = Path(argv[0])
+    names = sorted(p.parent.name for p in out.glob("*/needle.json"))
+    if not names:
+        raise SystemExit(f"needle_summary: no OUT/*/needle.json under {out}")
+    runs = [load(out, n) for n in sorted(names, key=lambda n: (n != "full", n))]
+    lengths = sorted({c["length"] for c in runs[0]["cells"]})[-2:]  # the two longest, 16K and 32K in the study
+    rows = table(runs, lengths)
+    print("\n".join(rows))
+    (out / "summary.md").write_text("\n".join(rows) + "\n")
+    (out / "summary.json").write_text(json.dumps(
+        [{k: r[k] for k in ("name", "steps", "step_ms")} | {f"mean_{n}": mean_at(r, n) for n in lengths} for r in runs],
+        indent=1))
+    draw(runs, out)
+
+
+if __name__ == "__main__":
+    main()
