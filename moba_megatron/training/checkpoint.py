@@ -186,15 +186,12 @@ def load_weights(directory: str, model, log=None) -> int:
     new = [name for name, tensor in wanted.items() if ".key_conv." in name and getattr(tensor, "key", name) not in held]
     for name in new:
         del wanted[name]
+    # every other tensor must be there (dist_checkpointing refuses a missing one), so only the new
+    # convolutions stay unloaded
     state = dist_checkpointing.load({"model": wanted}, path)
-    result = module.load_state_dict(state["model"], strict=not new)
-    if new:
-        left = sorted(set(result.missing_keys) - set(new))
-        if left or result.unexpected_keys:
-            raise JobError(f"--load {directory}: the checkpoint does not fit the model: missing {left}, "
-                           f"unexpected {sorted(result.unexpected_keys)}")
-        if log is not None:
-            log(f"--load {directory}: the checkpoint has no key convolution; it starts at the identity")
+    module.load_state_dict(state["model"], strict=not new)
+    if new and log is not None:
+        log(f"--load {directory}: the checkpoint has no key convolution; it starts at the identity")
     return 0 if tracked == RELEASE else int(tracked)
 
 
