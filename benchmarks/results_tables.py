@@ -121,7 +121,21 @@ def training_step() -> list[str]:
     return [*out, "", "Sources:", *sources]
 
 
-TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step}
+def retrieval() -> list[str]:
+    """The last retrieval study (`needle_125m.sh`), as `needle_summary.py` prints it, from the files the
+    study wrote: each variant's needle.json, and summary.json for its steps and step time."""
+    sys.path.insert(0, str(HERE))
+    from needle_summary import table
+
+    study = DATA / "needle-study"
+    meta = json.loads((study / "summary.json").read_text())
+    runs = [dict(r, cells=json.loads((study / r["name"] / "needle.json").read_text())) for r in meta["runs"]]
+    lengths = sorted({c["length"] for c in runs[0]["cells"]})[-2:]
+    return [*table(runs, lengths), "", f"Source: {meta['device']}, commit `{meta['commit']}`, {meta['date']}: "
+            f"`{meta['command']}`."]
+
+
+TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step, "retrieval": retrieval}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

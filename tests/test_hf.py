@@ -302,6 +302,22 @@ def test_convert_continue_training_at_tp2_and_export(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "rotary_percent 0.5; a Llama turns every head dim" in refused.stderr
     assert not (tmp_path / "half").exists()
+    # nor a model with the key convolution
+    conv = tmp_path / "key-conv.yaml"
+    conv.write_text((ckpt / "moba-config.yaml").read_text() + "moba_key_conv: 3\n")
+    refused = subprocess.run([sys.executable, "-m", "moba_megatron.tools.convert", "mcore-to-hf", "--load", str(ckpt),
+                              "--config", str(conv), "--output", str(tmp_path / "conv")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "moba-convert: error: the model has a key convolution (moba_key_conv 3)" \
+        in refused.stderr and not (tmp_path / "conv").exists()
+
+
+def test_export_refuses_a_model_with_the_key_convolution(tmp_path):
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="has a key convolution \\(moba_key_conv 3\\), which a Llama has no place"):
+        hf.export_llama(SimpleNamespace(config=SimpleNamespace(moba_key_conv=3)), tmp_path / "out", {"vocab_size": 1})
+    assert not (tmp_path / "out").exists()
 
 
 def test_full_attention_layers_of_the_hybrid(llama):
