@@ -109,11 +109,9 @@ def padded_vocab(config: dict) -> int:
     return padded_vocab_size(config["vocab_size"], None, VOCAB_DIVISIBLE_BY, VOCAB_TP)
 
 
-def model_arguments(config: dict) -> dict:
-    """The pretraining job's model flags (YAML keys) for this architecture: what hf-to-mcore writes
-    into ``moba-config.yaml``."""
-    scaling = _llama3_scaling(config)
-    fields = dict(
+def _shape(config: dict) -> dict:
+    """The fields that the job's flags and the model config name alike."""
+    return dict(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
         ffn_hidden_size=config["intermediate_size"],
@@ -121,6 +119,15 @@ def model_arguments(config: dict) -> dict:
         num_query_groups=_kv_heads(config),
         kv_channels=head_dim(config),
         normalization="RMSNorm",
+    )
+
+
+def model_arguments(config: dict) -> dict:
+    """The pretraining job's model flags (YAML keys) for this architecture: what hf-to-mcore writes
+    into ``moba-config.yaml``."""
+    scaling = _llama3_scaling(config)
+    fields = dict(
+        **_shape(config),
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         swiglu=True,
         disable_bias_linear=True,
@@ -147,13 +154,7 @@ def transformer_config(config: dict, *, moba_chunk_size: int, moba_topk: int, mo
 
     dtype = overrides.pop("params_dtype", torch.float32)
     fields = dict(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        ffn_hidden_size=config["intermediate_size"],
-        num_attention_heads=config["num_attention_heads"],
-        num_query_groups=_kv_heads(config),
-        kv_channels=head_dim(config),
-        normalization="RMSNorm",
+        **_shape(config),
         layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
         add_bias_linear=False,
         gated_linear_unit=True,
