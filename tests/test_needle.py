@@ -12,7 +12,7 @@ import pytest
 from moba_megatron.eval.needle import PasskeyProbes, SyntheticProbes
 from moba_megatron.training.arguments import parse_args
 from moba_megatron.training.data import DEFAULT_VOCAB, KEY, QUERY, SyntheticRetrieval
-from tests.helpers.job import ROOT, SMALL, bpe_tokenizer, pretrain
+from tests.helpers.job import ROOT, SMALL, bpe_tokenizer, run_job
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
@@ -48,7 +48,7 @@ def test_passkey_probe_asks_for_the_hidden_number(tmp_path):
 def test_eval_writes_accuracy_by_length_and_depth(tmp_path, layout):
     """The eval of a checkpoint at TP=2, and of one with the key convolution at CP=2."""
     conv = layout[layout.index("--moba-key-conv") :] if "--moba-key-conv" in layout else []
-    pretrain(*SMALL, *conv, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
+    run_job(*SMALL, *conv, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
     job = parse_args(list(SMALL))
     seq_length, pairs = job.seq_length, job.retrieval_pairs
     task = SyntheticRetrieval(job.vocab_size or DEFAULT_VOCAB, seq_length, job.seed, pairs)

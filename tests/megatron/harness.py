@@ -23,7 +23,7 @@ def _run_rank(rank: int, fn, world: int, port: int, kwargs: dict) -> None:
 
 # What every rank imports: loaded once by the fork server, so a rank starts with it in memory.
 _PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "megatron.core.models.gpt",
-            "moba_megatron.megatron", "moba_megatron.parallel"]
+            "moba_megatron.megatron", "moba_megatron.parallel", "moba_megatron.pretrain"]
 
 
 def spawn_ranks(fn, world: int, **kwargs) -> None:

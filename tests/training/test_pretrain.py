@@ -18,6 +18,7 @@ from tests.helpers.job import (  # noqa: F401
     check_pipeline_matches_single_rank,
     losses,
     pretrain,
+    run_job,
 )
 
 
@@ -63,7 +64,7 @@ def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
                    cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     data = ["--data-path", str(tmp_path / "c_text_document"), "--tokenizer-type", "HuggingFaceTokenizer",
             "--tokenizer-model", str(tmp_path / "tok"), "--split", "90,10,0"]
-    result = pretrain(*SMALL, "--train-iters", "8", *data, "--eval-interval", "4", "--eval-iters", "2",
+    result = run_job(*SMALL, "--train-iters", "8", *data, "--eval-interval", "4", "--eval-iters", "2",
                       "--tensorboard-dir", str(tmp_path / "tb"))
     found = losses(result)
     assert sorted(found) == list(range(1, 9)) and float(found[8]) < float(found[1])
@@ -80,7 +81,7 @@ def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
     )
     assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
     # an explicit --vocab-size below the tokenizer's is one clear line
-    bad = pretrain(*SMALL, "--train-iters", "2", *data, "--vocab-size", "100", check=False)
+    bad = run_job(*SMALL, "--train-iters", "2", *data, "--vocab-size", "100", check=False)
     assert (
         bad.returncode != 0
         and f"--vocab-size 100 is smaller than the HuggingFaceTokenizer's {len(vocab)} tokens" in bad.stderr
@@ -89,17 +90,17 @@ def test_preprocess_train_and_validate_with_a_bpe_tokenizer(tmp_path):
 
 @pytest.mark.slow
 def test_resume_is_exact_and_reshards(tmp_path):
-    straight = losses(pretrain(*SMALL, "--train-iters", "6"))
-    pretrain(*SMALL, "--train-iters", "6", "--save", str(tmp_path), "--exit-interval", "3")
+    straight = losses(run_job(*SMALL, "--train-iters", "6"))
+    run_job(*SMALL, "--train-iters", "6", "--save", str(tmp_path), "--exit-interval", "3")
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
-    resumed = losses(pretrain(*SMALL, "--train-iters", "6", "--load", str(tmp_path)))
+    resumed = losses(run_job(*SMALL, "--train-iters", "6", "--load", str(tmp_path)))
     assert sorted(resumed) == [4, 5, 6]
     for it in (4, 5, 6):  # same layout: bit-identical losses
         assert resumed[it] == straight[it], (it, resumed[it], straight[it])
     # The DP=2 checkpoint loads into TP=2: weights and Adam moments are resharded, so the losses
     # follow the straight run up to TP's different summation order.
     for layout in ("--tensor-model-parallel-size", "--context-parallel-size"):
-        resharded = losses(pretrain(*SMALL, "--train-iters", "6", "--load", str(tmp_path), layout, "2"))
+        resharded = losses(run_job(*SMALL, "--train-iters", "6", "--load", str(tmp_path), layout, "2"))
         for it in (4, 5, 6):
             assert abs(float(resharded[it]) - float(straight[it])) < 1e-4 * float(straight[it]), (
                 layout,
@@ -119,9 +120,9 @@ def test_context_parallel_run_matches_single_rank():
     # CP=2 splits every sequence over the two ranks; the losses are those of one rank holding all.
     # Full-attention layer included (it runs as MoBA with every block selected under CP).
     args = [*SMALL, "--train-iters", "3", "--global-batch-size", "4", "--moba-full-attn-layers", "2"]
-    single = losses(pretrain(*args, nproc=1))
+    single = losses(run_job(*args, nproc=1))
     for comm in ("routed", "allgather"):
-        split = losses(pretrain(*args, "--context-parallel-size", "2", "--moba-cp-comm", comm))
+        split = losses(run_job(*args, "--context-parallel-size", "2", "--moba-cp-comm", comm))
         assert sorted(split) == [1, 2, 3]
         for it in (1, 2, 3):
             assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (comm, it, split, single)
@@ -139,9 +140,9 @@ def test_activation_recompute_keeps_the_losses():
         1,
     )
     args = [*SMALL, "--train-iters", "3", "--moba-full-attn-layers", "2"]
-    plain = losses(pretrain(*args))
+    plain = losses(run_job(*args))
     for extra in (["--recompute-granularity", "full"], ["--recompute-granularity", "selective"]):
-        again = losses(pretrain(*args, *extra))
+        again = losses(run_job(*args, *extra))
         assert sorted(again) == [1, 2, 3]
         for it in (1, 2, 3):
             assert abs(float(again[it]) - float(plain[it])) < 1e-6 * float(plain[it]), (extra, again, plain)
@@ -154,8 +155,8 @@ def test_8_gpu_layout_matches_single_rank():
     args = ["--config", "configs/llama3-8b-2layer-1m.yaml", "--no-bf16", "--hidden-size", "64", "--ffn-hidden-size",
             "128", "--num-attention-heads", "8", "--num-query-groups", "4", "--seq-length", "2048",
             "--moba-chunk-size", "64", "--moba-topk", "4", "--train-iters", "3", "--moba-backend", "torch"]
-    single = losses(pretrain(*args, "--tensor-model-parallel-size", "1", "--context-parallel-size", "1", nproc=1))
-    split = losses(pretrain(*args, nproc=8))
+    single = losses(run_job(*args, "--tensor-model-parallel-size", "1", "--context-parallel-size", "1", nproc=1))
+    split = losses(run_job(*args, nproc=8))
     assert sorted(split) == [1, 2, 3]
     for it in (1, 2, 3):
         assert abs(float(split[it]) - float(single[it])) < 2e-5 * float(single[it]), (it, split, single)
@@ -253,15 +254,15 @@ def test_key_conv_finetune_and_full_attention_phase(tmp_path):
     step's loss is the plain model's); --moba-full-attn-from-iter switches every layer to full
     attention at that iteration, and a run resumed past it stays there."""
     base, run = str(tmp_path / "base"), str(tmp_path / "run")
-    pretrain(*SMALL, "--train-iters", "2", "--save", base, "--eval-iters", "0")
+    run_job(*SMALL, "--train-iters", "2", "--save", base, "--eval-iters", "0")
     tune = [*SMALL, "--load", base, "--finetune", "--eval-iters", "0", "--lr", "1e-3"]
-    plain = losses(pretrain(*tune, "--train-iters", "1"))
+    plain = losses(run_job(*tune, "--train-iters", "1"))
     flags = ["--moba-key-conv", "3", "--moba-full-attn-from-iter", "3", "--train-iters", "4"]
-    first = pretrain(*tune, *flags, "--save", run, "--exit-interval", "3")
+    first = run_job(*tune, *flags, "--save", run, "--exit-interval", "3")
     assert losses(first)[1] == plain[1], (losses(first), plain)
     assert "the checkpoint has no key convolution; it starts at the identity" in first.stdout
     assert "every layer on full attention from iteration 3 on" in first.stdout
-    resumed = pretrain(*SMALL, "--load", run, "--eval-iters", "0", "--lr", "1e-3", *flags)
+    resumed = run_job(*SMALL, "--load", run, "--eval-iters", "0", "--lr", "1e-3", *flags)
     assert sorted(losses(resumed)) == [4]
     assert "every layer on full attention from iteration 4 on" in resumed.stdout
 
