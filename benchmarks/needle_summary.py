@@ -19,16 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from moba_megatron.eval.needle import wilson_interval
+from moba_megatron.eval.needle import draw_heatmap, length_label, wilson_interval
 
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \(ms\): ([\d.]+)")
-K = 1024
-
-
-def _length(n: int) -> str:
-    return f"{n // K}K" if n >= K else str(n)
-
-
 def load(out: Path, name: str) -> dict:
     cells = json.loads((out / name / "needle.json").read_text())
     log = out / f"job-{name}.log"
@@ -59,18 +52,18 @@ def parity(run: dict, full: dict, lengths: list[int]) -> list[str]:
     for n in lengths:
         mine, theirs = mean_at(run, n), mean_at(full, n)
         if mine and theirs and mine[0] < theirs[0] - 0.05:
-            gaps.append(f"mean at {_length(n)} {mine[0]:.2f} against {theirs[0]:.2f}")
+            gaps.append(f"mean at {length_label(n)} {mine[0]:.2f} against {theirs[0]:.2f}")
     for c in run["cells"]:
         ref = next((f for f in full["cells"] if f["length"] == c["length"] and f["depth"] == c["depth"]), None)
         if ref and ref["accuracy"] >= 0.9 and c["accuracy"] < 0.8:
-            gaps.append(f"cell {_length(c['length'])} / {c['depth']:.2f} at {c['accuracy']:.2f}")
+            gaps.append(f"cell {length_label(c['length'])} / {c['depth']:.2f} at {c['accuracy']:.2f}")
     return gaps
 
 
 def table(runs: list[dict], lengths: list[int]) -> list[str]:
     full = next((r for r in runs if r["name"] == "full"), None)
     head = ["variant", "steps at the long length", "step ms", "vs full"]
-    head += [f"mean at {_length(n)} [95%]" for n in lengths] + ["worst cell", "parity"]
+    head += [f"mean at {length_label(n)} [95%]" for n in lengths] + ["worst cell", "parity"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         ratio = (f"{run['step_ms'] / full['step_ms']:.2f}" if full and full["step_ms"] and run["step_ms"] else "-")
@@ -82,8 +75,8 @@ def table(runs: list[dict], lengths: list[int]) -> list[str]:
         gaps = parity(run, full, lengths) if full and run is not full else []
         verdict = "-" if run is full or not full else ("yes" if not gaps else "no: " + "; ".join(gaps[:2]))
         step = f"{run['step_ms']:.0f}" if run["step_ms"] else "-"
-        rows.append("| " + " | ".join([run["name"], str(run["steps"] or "-"), step, ratio, *means,
-                                       f"{worst['accuracy']:.2f} ({_length(worst['length'])}, {worst['depth']:.2f})",
+        worst_cell = f"{worst['accuracy']:.2f} ({length_label(worst['length'])}, {worst['depth']:.2f})"
+        rows.append("| " + " | ".join([run["name"], str(run["steps"] or "-"), step, ratio, *means, worst_cell,
                                        verdict]) + " |")
     return rows
 
@@ -99,18 +92,8 @@ def draw(runs: list[dict], out: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False)
     for ax, run in zip(axes[0], runs):
-        lengths = sorted({c["length"] for c in run["cells"]})
-        depths = sorted({c["depth"] for c in run["cells"]})
-        grid = [[next(c["accuracy"] for c in run["cells"] if c["length"] == n and c["depth"] == d) for n in lengths]
-                for d in depths]
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [_length(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        for y, row in enumerate(grid):
-            for x, value in enumerate(row):
-                ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        draw_heatmap(ax, run["cells"], fontsize=7)
         ax.set_title(run["name"], fontsize=9)
-    axes[0][0].set_ylabel("needle depth")
     fig.tight_layout()
     fig.savefig(out / "heatmaps.png", dpi=110)
     plt.close(fig)
@@ -118,8 +101,8 @@ def draw(runs: list[dict], out: Path) -> None:
     if with_positions:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for run in with_positions:
-            ax.plot([(p["start"] + p["end"]) / 2 / K for p in run["positions"]], [p["loss"] for p in run["positions"]],
-                    marker="o", markersize=3, label=run["name"])
+            middles = [(p["start"] + p["end"]) / 2 / 1024 for p in run["positions"]]
+            ax.plot(middles, [p["loss"] for p in run["positions"]], marker="o", markersize=3, label=run["name"])
         ax.set_xlabel("position (K tokens)")
         ax.set_ylabel("loss")
         ax.set_title("loss by position at the longest length")

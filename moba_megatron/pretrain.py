@@ -18,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 from .training import checkpoint  # noqa: E402
 from .training.arguments import parse_args
 from .training.data import DEFAULT_VOCAB, IndexedGPTData, SyntheticRetrieval, SyntheticSplit
-from .training.errors import JobError
+from .training.errors import JobError, one_line_errors
 from .training.loop import Logger, train
 from .training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from .training.setup import build_model, check_args, init_distributed, transformer_config
@@ -45,10 +45,8 @@ def build_data(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors("moba-pretrain"):
         pretrain(args)
-    except JobError as e:
-        raise SystemExit(f"moba-pretrain: error: {e}") from None
 
 
 def pretrain(args) -> None:

@@ -29,7 +29,7 @@ hide_known_warnings()  # before megatron-core is first imported
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ..training.errors import JobError  # noqa: E402
+from ..training.errors import JobError, one_line_errors  # noqa: E402
 
 _FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
@@ -228,6 +228,27 @@ def evaluate(args, model, probes, device: str) -> list[dict]:
     return results
 
 
+def length_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
+
+
+def draw_heatmap(ax, results: list[dict], fontsize: int = 8):
+    """Accuracy by depth (rows) and length (columns) onto matplotlib axes ``ax``; returns the image."""
+    lengths = sorted({r["length"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    grid = [
+        [next(r["accuracy"] for r in results if r["length"] == n and r["depth"] == d) for n in lengths] for d in depths
+    ]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_ylabel("needle depth")
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=fontsize)
+    return image
+
+
 def heatmap(results: list[dict], path: Path, title: str) -> bool:
     """needle.png: accuracy by depth (rows) and length (columns). False without matplotlib."""
     try:
@@ -237,20 +258,11 @@ def heatmap(results: list[dict], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    lengths = sorted({r["length"] for r in results})
-    depths = sorted({r["depth"] for r in results})
-    grid = [
-        [next(r["accuracy"] for r in results if r["length"] == n and r["depth"] == d) for n in lengths] for d in depths
-    ]
+    lengths = {r["length"] for r in results}
+    depths = {r["depth"] for r in results}
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.55 * len(depths)))
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    image = draw_heatmap(ax, results)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for y, row in enumerate(grid):
-        for x, value in enumerate(row):
-            ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="retrieval accuracy")
     fig.tight_layout()
@@ -261,10 +273,8 @@ def heatmap(results: list[dict], path: Path, title: str) -> bool:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    try:
+    with one_line_errors("needle"):
         run(args)
-    except JobError as e:
-        raise SystemExit(f"needle: error: {e}") from None
 
 
 def run(args) -> None:
