@@ -112,7 +112,8 @@ def test_upstream_argument_code_builds_the_moba_config(tmp_path, monkeypatch, sp
         tmp_path, "megatron/training/argument_utils.py", PATCHES / "megatron-lm-core_r0.19-moba-config.patch"
     )
     moba = ["--spec", "moba_megatron.megatron.specs", spec_name, "--moba-chunk-size", "64", "--moba-topk", "3",
-            "--moba-full-attn-layers", "2", "--moba-backend", "torch", "--moba-cp-comm", "allgather"]
+            "--moba-full-attn-layers", "2", "--moba-backend", "torch", "--moba-cp-comm", "allgather",
+            "--moba-key-conv", "3"]
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *UPSTREAM_ARGS, *moba])
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
@@ -122,6 +123,7 @@ def test_upstream_argument_code_builds_the_moba_config(tmp_path, monkeypatch, sp
     assert type(config) is MoBATransformerConfig
     assert (config.moba_chunk_size, config.moba_topk, config.moba_full_attn_layers) == (64, 3, [2])
     assert (config.moba_enabled, config.moba_backend, config.moba_cp_comm) == (True, "torch", "allgather")
+    assert config.moba_key_conv == 3
     assert config.num_layers == 2 and config.params_dtype.is_floating_point and config.bf16
 
 

@@ -76,3 +76,38 @@ def test_routed_backward_modes(monkeypatch, min_chunk, lens, chunk, topk):
 
 def test_head_dim_64_with_many_query_heads():
     check([5000], 256, 4, 12, 12, 64, torch.bfloat16, None)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "torch_flash", None])
+@pytest.mark.parametrize("lens,chunk,topk", [
+    ([1], 63, 3), ([1], 150, 2), ([1, 1, 1], 64, 1), ([1, 0, 1], 16, 4),  # only one-token sequences
+    ([40, 1, 7], 1, 3), ([300], 1, 8), ([5], 1, 100), ([33, 2], 2, 5),  # one- and two-token blocks
+])
+def test_one_token_sequences_and_blocks(backend, lens, chunk, topk):
+    """cuDNN takes neither s_q = s_kv = 1 nor one-key tiles: these shapes run on other kernels."""
+    check(lens, chunk, topk, 8, 2, 64, torch.bfloat16, backend)
+
+
+def test_one_token_prompt_generates_with_moba():
+    """A one-token prompt's prefill (one sequence of one token) and the decoding after it, in
+    transformers with ``attn_implementation="moba"``: each step's logits match transformers' eager
+    attention over the same tokens (with one block spanning every step MoBA is dense)."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moba_megatron import hf
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    prompt = torch.tensor([[17]], device="cuda")
+    model.set_attn_implementation(hf.register_moba(64, 3))
+    with torch.no_grad():
+        run = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        model.set_attn_implementation("eager")
+        eager = model(run.sequences).logits[0]
+    assert len(run.logits) == 8
+    for step, logits in enumerate(run.logits):
+        assert_close(logits[0].float(), eager[step].float(), 3e-2, 3e-2, f"step {step}")

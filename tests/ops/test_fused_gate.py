@@ -38,7 +38,10 @@ CASES = [
     ([300], 16, 1, 2, 2, 16),  # one slot, many blocks
     ([200, 1, 0, 90], 8, 3, 4, 2, 32),  # sequences shorter than a block, length 1, empty; GQA
     ([500, 37], 4, 7, 2, 1, 16),  # a tile of queries straddling two sequences
-    ([700], 4, 63, 2, 2, 16),  # top-k 64, the most the kernel keeps
+    ([700], 4, 63, 2, 2, 16),  # top-k 64
+    ([600, 200], 4, 127, 2, 1, 16),  # top-k 128, the most insertion keeps; tiles straddling two sequences
+    ([1300], 4, 300, 1, 1, 16),  # the threshold kernel: more selections than the first queries' candidates
+    ([900, 40, 700], 2, 200, 2, 2, 16),  # the threshold kernel, tiles straddling three sequences
     ([3 * 8192 + 100], 8192, 2, 1, 1, 16),  # the largest block size
 ]
 
@@ -51,17 +54,18 @@ def test_exact_scores_give_identical_selections(lens, chunk, slots, hq, hkv, d):
     assert torch.equal(fused, exact)
 
 
-def test_ties_go_to_the_lower_block():
-    k = torch.ones(40, 1, 16, device=DEVICE)
-    q = torch.ones(40, 1, 16, device=DEVICE)
-    layout = block_layout((0, 40), 8, torch.device(DEVICE))
-    sel = gating.select_blocks(q, gating.block_key_sums(k, layout), layout, 2, fused=True)
-    assert sel[39, 0].tolist() == [0, 1]
-    assert sel[10, 0].tolist() == [0, -1]  # block 1 has only block 0 before it
-    assert sel[3, 0].tolist() == [-1, -1]
+@pytest.mark.parametrize("slots", [2, 130])  # the insertion kernel, the threshold kernel
+def test_ties_go_to_the_lower_block(slots):
+    k = torch.ones(1200, 1, 16, device=DEVICE)
+    q = torch.ones(1200, 1, 16, device=DEVICE)
+    layout = block_layout((0, 1200), 8, torch.device(DEVICE))
+    sel = gating.select_blocks(q, gating.block_key_sums(k, layout), layout, slots, fused=True)
+    assert sel[1199, 0].tolist() == list(range(slots))  # 149 candidates, all tied
+    assert sel[10, 0].tolist() == [0] + [-1] * (slots - 1)  # block 1 has only block 0 before it
+    assert sel[3, 0].tolist() == [-1] * slots
 
 
-@pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES[:4] + [([4096], 64, 7, 4, 2, 128)])
+@pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES[:6] + [([4096], 64, 7, 4, 2, 128)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_scores_differ_only_between_near_ties(lens, chunk, slots, hq, hkv, d, seed):
     q, sums, fused, exact = selections(lens, chunk, slots, hq, hkv, d, dyadic=False, dtype=HALF, seed=seed)

@@ -1,18 +1,28 @@
-"""MoBA's gate as one Triton kernel: score every query against the block key sums on tensor cores and
-keep a running top-n per (query, head) while streaming over the candidate blocks. No score tensor
-is written and no sort runs outside the kernel; only the selection comes out.
+"""MoBA's gate in Triton: score every query against the block key sums and keep its best blocks,
+with no ``[T, blocks]`` score tensor and no sort outside the kernel; only the selection comes out.
+Two kernels, by the number of selections:
 
-A program takes ``BM`` consecutive queries of one head and walks the blocks from the first block of
-the earliest query's sequence to the own block of the last query, ``BN`` blocks at a time. Each
-(score, block) pair is packed into one int64 whose order is "higher score, then lower block" (ties
-go to the lower block). The ``n`` kept keys are renewed by inserting the new ones best first in
-place of the worst kept, for as many rounds as some query of the tile still improves: few once the
-first blocks are seen. (No sort: n is small, and sorting networks cost more, under Triton's
-interpreter most of all.)
+- **Few selections** (up to ``INSERTION_MAX_SELECTED``), any number of blocks: a program takes ``BM``
+  consecutive queries of one head and walks the blocks from the first block of the earliest query's
+  sequence to the own block of the last query, ``BN`` blocks at a time, scoring on tensor cores and
+  keeping a running top-n. Each (score, block) pair is packed into one int64 whose order is "higher
+  score, then lower block" (ties go to the lower block). The ``n`` kept keys are renewed by
+  inserting the new ones best first in place of the worst kept, for as many rounds as some query of
+  the tile still improves: few once the first blocks are seen. Scores: q (bf16/fp16, exact in tf32)
+  against fp32 sums through three-pass tf32 products (``tf32x3``), about 2^-22 relative to
+  sum |q_d s_d|.
+- **More selections** (up to ``MAX_SELECTED``) over at most ``THRESHOLD_MAX_CANDIDATES`` candidate
+  blocks: insertion would keep more keys than a program's registers hold, so a program holds every
+  candidate score of its queries in registers (fp32 products on the CUDA cores, one key-sum row per
+  head dim), finds each query's n-th best score by bisection over the scores' bits, and keeps the
+  scores above it and, of those equal to it, the lowest blocks. Each query's candidates sit at
+  columns relative to the first block of its own sequence, so ``max_candidates`` columns hold every
+  query's candidates.
 
-Scores: q (bf16/fp16, exact in tf32) against fp32 sums through three-pass tf32 products
-(``tf32x3``), about 2^-22 relative to sum |q_d s_d|: selections equal fp32 scoring except between
-blocks whose fp32 scores differ by ~1e-6 relative (docs/semantics.md allows 1e-5).
+Beyond both, ``gating.select_blocks`` scores in PyTorch. (The threshold kernel is slower than
+insertion up to 128 selections on an H100: benchmarks/RESULTS.md.) Either way, selections equal fp32
+scoring except between blocks whose fp32 scores differ by ~1e-6 relative (docs/semantics.md allows
+1e-5).
 """
 
 from __future__ import annotations
@@ -23,11 +33,23 @@ import triton.language as tl
 
 BLOCK_QUERIES = 64
 BLOCK_CANDIDATES = 32
+INSERTION_MAX_SELECTED = 128
+MAX_SELECTED = 512
+THRESHOLD_MAX_CANDIDATES = 4096
+# Candidate scores a program of the threshold kernel holds: [queries, candidates] fp32 in registers.
+THRESHOLD_SCORES = 8192
 
 
-def supports(q: torch.Tensor, num_selected: int) -> bool:
+def _threshold(num_selected: int, max_candidates: int) -> bool:
+    return num_selected > INSERTION_MAX_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
+
+
+def supports(q: torch.Tensor, num_selected: int, max_candidates: int) -> bool:
     d = q.shape[-1]
-    return 16 <= d <= 256 and d & (d - 1) == 0 and num_selected <= 64
+    if not (16 <= d <= 256 and d & (d - 1) == 0):
+        return False
+    return num_selected <= INSERTION_MAX_SELECTED or (num_selected <= MAX_SELECTED
+                                                      and _threshold(num_selected, max_candidates))
 
 
 @triton.jit
@@ -81,12 +103,73 @@ def _gate_kernel(Q, S, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride_qh, s
     tl.store(dst, out, mask=tmask[:, None] & (col < slots))
 
 
+@triton.jit
+def _threshold_kernel(Q, ST, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride_qh, stride_sh, stride_sd,
+                      group, slots, D: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+    """Each query's ``slots`` best candidates, from all its candidate scores held at once.
+    ``ST [Hkv, D, blocks]`` fp32: the block key sums, transposed so a head dim's row is contiguous."""
+    h = tl.program_id(1)
+    t = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    tmask = t < T
+    last = tl.minimum(t, T - 1)  # rows past the end repeat the last query (never stored)
+    own = tl.load(TOKEN_BLOCK + last).to(tl.int32)
+    first = tl.load(TOKEN_FIRST + last).to(tl.int32)
+    col = tl.arange(0, NB)
+    block = first[:, None] + col[None, :]  # each query's candidates, from its sequence's first
+    valid = block < own[:, None]
+    s_head = ST + (h // group) * stride_sh
+    q_rows = Q + last * stride_qt + h * stride_qh
+    scores = tl.zeros([BM, NB], tl.float32)
+    first0 = tl.min(first, 0)
+    if first0 == tl.max(first, 0):  # one sequence: the queries share their candidates' key sums
+        used = col < tl.max(own, 0) - first0
+        for d in range(D):
+            sd = tl.load(s_head + d * stride_sd + first0 + col, mask=used, other=0.0)
+            scores += tl.load(q_rows + d).to(tl.float32)[:, None] * sd[None, :]
+    else:
+        for d in range(D):
+            sd = tl.load(s_head + d * stride_sd + block, mask=valid, other=0.0)
+            scores += tl.load(q_rows + d).to(tl.float32)[:, None] * sd
+    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 ranks as +0.0
+    bits = scores.to(tl.int32, bitcast=True)
+    key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), -(2**31))  # IEEE order -> int order
+    need = tl.minimum(tl.sum(valid.to(tl.int32), 1), slots)
+    # The need-th largest key: the largest x with at least ``need`` keys >= x.
+    lo = tl.full([BM], -(2**31), tl.int64)
+    hi = tl.full([BM], 2**31 - 1, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1  # in int64: lo + hi overflows int32
+        enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= need
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = valid & (key > lo[:, None])
+    tied = valid & (key == lo[:, None])
+    room = need - tl.sum(above.to(tl.int32), 1)
+    chosen = (above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= room[:, None]))) & (need > 0)[:, None]
+    place = tl.cumsum(chosen.to(tl.int32), 1) - 1  # ascending blocks, in ascending places
+    dst = SEL + (t[:, None] * tl.num_programs(1) + h) * slots + place
+    tl.store(dst, block, mask=chosen & tmask[:, None])
+
+
 def select_blocks_fused(q: torch.Tensor, block_sums: torch.Tensor, token_block: torch.Tensor,
-                        token_first_block: torch.Tensor, num_selected: int) -> torch.Tensor:
+                        token_first_block: torch.Tensor, num_selected: int, max_candidates: int) -> torch.Tensor:
     """``gating.select_blocks`` in one kernel: ``[T, Hq, num_selected]`` int32 block ids in ascending
-    order, -1 where a query has fewer candidates."""
+    order, -1 where a query has fewer candidates. ``max_candidates``: the most candidate blocks any
+    query has."""
     t, hq, d = q.shape
     hkv = block_sums.shape[1]
+    if _threshold(num_selected, max_candidates):
+        sel = torch.full((t, hq, num_selected), -1, dtype=torch.int32, device=q.device)
+        if t == 0:
+            return sel
+        sums_t = block_sums.permute(1, 2, 0).contiguous()  # [Hkv, D, blocks]
+        nb = max(2, triton.next_power_of_2(max_candidates))
+        bm = max(1, min(64, THRESHOLD_SCORES // nb))
+        _threshold_kernel[(triton.cdiv(t, bm), hq)](
+            q, sums_t, token_block, token_first_block, sel, t, q.stride(0), q.stride(1), sums_t.stride(0),
+            sums_t.stride(1), hq // hkv, num_selected, D=d, BM=bm, NB=nb, num_warps=8,
+        )
+        return sel
     sel = torch.empty(t, hq, num_selected, dtype=torch.int32, device=q.device)
     if t == 0 or num_selected == 0:
         return sel.fill_(-1)

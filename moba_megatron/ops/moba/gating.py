@@ -75,10 +75,11 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
     where a query has fewer candidates. Ties go to the lower block index. ``fused``: score and
     select in the Triton kernel of fused_gate.py where it takes the inputs.
     """
-    if fused and _fused_gate_supports(q, num_selected):
+    if fused and _fused_gate_supports(q, num_selected, layout.max_candidates):
         from .fused_gate import select_blocks_fused
 
-        return select_blocks_fused(q, block_sums, layout.token_block, layout.token_first_block, num_selected)
+        return select_blocks_fused(q, block_sums, layout.token_block, layout.token_first_block, num_selected,
+                                   layout.max_candidates)
     t, hq, d = q.shape
     hkv = block_sums.shape[1]
     sel = torch.full((t, hq, num_selected), -1, dtype=torch.int32, device=q.device)
@@ -106,9 +107,9 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
 
 
 
-def _fused_gate_supports(q: torch.Tensor, num_selected: int) -> bool:
+def _fused_gate_supports(q: torch.Tensor, num_selected: int, max_candidates: int) -> bool:
     try:
         from .fused_gate import supports
     except ImportError:  # no triton
         return False
-    return supports(q, num_selected)
+    return supports(q, num_selected, max_candidates)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import PaddedTiles
+from .base import PaddedTiles, VarlenTiles
 from .torch_flash import TorchFlashBackend
+
+MIN_TILE_KEYS = 16  # shorter blocks' routed tiles run on FA2's varlen kernels
 
 _aten = torch.ops.aten
 
@@ -72,12 +74,27 @@ class CudnnBackend(PaddedTiles, TorchFlashBackend):
     def dense_backward(self, dout, q, k, v, out, lse, scale):
         return tiles_backward(dout, q, k, v, out, lse, scale)
 
+    def tile_width_for(self, chunk: int) -> int | None:
+        # cuDNN takes no key tiles this short (chunk 1 fails in its plan): FA2 varlen tiles instead.
+        return self.tile_width if chunk >= MIN_TILE_KEYS else None
+
+    def tiles_forward(self, q_rows, k_tiles, v_tiles, tile_rows, width, max_rows, scale):
+        tiles = PaddedTiles if width is not None else VarlenTiles
+        return tiles.tiles_forward(self, q_rows, k_tiles, v_tiles, tile_rows, width, max_rows, scale)
+
+    def tiles_backward(self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width, max_rows,
+                       scale):
+        tiles = PaddedTiles if width is not None else VarlenTiles
+        return tiles.tiles_backward(self, dout_rows, q_rows, k_tiles, v_tiles, out_rows, lse_rows, tile_rows, width,
+                                    max_rows, scale)
+
     @staticmethod
     def _uniform(q, k, cu_q, max_q, max_k, causal) -> int:
-        """Segments count when every segment has the same length (then the own-block call is a
-        dense batched one); 0 otherwise. Decided from host values alone."""
+        """Segments count when every segment has the same length of at least two tokens (then the
+        own-block call is a dense batched one; cuDNN refuses s_q = s_kv = 1); 0 otherwise. Decided
+        from host values alone."""
         n = cu_q.numel() - 1
-        same = causal and max_q == max_k and q.shape[0] == n * max_q and k.shape[0] == n * max_k
+        same = causal and max_q == max_k > 1 and q.shape[0] == n * max_q and k.shape[0] == n * max_k
         return n if same and n > 0 else 0
 
     @staticmethod
