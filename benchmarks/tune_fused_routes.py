@@ -1,8 +1,8 @@
 """Time the fused routed kernels (ops/moba/fused_routes.py) over tile configurations, inside the
 whole op (random bf16 inputs, one sequence, the backward forced onto the Triton kernels): each
 kernel's sweep runs with the other kernels at their first choice. ``FORWARD_CONFIGS``,
-``BACKWARD_CONFIGS`` (``..._BLOCKS_64`` for blocks of at most 64 keys, ``..._SMALL_BLOCKS`` up to
-256; ``..._HEAD_DIM_64`` for larger blocks and head dims of at most 64) and ``BACKWARD_DQ_CONFIGS``
+``BACKWARD_CONFIGS`` (``..._SMALL_BLOCKS`` for blocks of at most 256 keys; ``..._HEAD_DIM_64`` for
+head dims of at most 64, with ``..._BLOCKS_64_...`` for blocks of 64 keys) and ``BACKWARD_DQ_CONFIGS``
 in that file hold the picks.
 
     python benchmarks/tune_fused_routes.py --seqlen 131072 --chunk 2048 --topk 3
@@ -28,9 +28,12 @@ SWEEPS = {
                          (32, 128, 8, 2), (128, 64, 8, 2)],
     "BACKWARD_CONFIGS_HEAD_DIM_64": [(128, 64, 4, 2), (64, 64, 4, 2), (256, 64, 4, 2), (128, 32, 4, 2),
                                      (128, 64, 4, 3)],
-    "BACKWARD_CONFIGS_SMALL_BLOCKS": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2),
-                                      (64, 128, 8, 3)],
-    "BACKWARD_CONFIGS_BLOCKS_64": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+    "BACKWARD_CONFIGS_SMALL_BLOCKS": [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2),
+                                      (32, 128, 4, 2), (32, 128, 8, 3)],
+    "BACKWARD_CONFIGS_SMALL_BLOCKS_HEAD_DIM_64": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2),
+                                                  (128, 64, 8, 2)],
+    "BACKWARD_CONFIGS_BLOCKS_64_HEAD_DIM_64": [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2),
+                                               (32, 64, 4, 2)],
     "BACKWARD_DQ_CONFIGS": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2),
                             (128, 32, 4, 2)],
 }

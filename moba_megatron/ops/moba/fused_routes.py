@@ -39,11 +39,13 @@ FORWARD_CONFIGS_HEAD_DIM_64 = [(128, 64, 4, 3), (64, 64, 4, 2)]
 # (rows per step, keys per program, warps, pipeline stages) of the backward's dK/dV kernel, and
 # (rows per program, keys per step, warps, stages) of its dq kernel, tried in order.
 # Blocks of at most 256 keys (``_SMALL_BLOCKS``) take other dK/dV tiles than larger ones: more keys a
-# program, since a small block has few keys to split; blocks of 64 keys, whose programs hold all of
-# them, half the warps (benchmarks/tune_fused_routes.py).
+# program, since a small block has few keys to split. At head dims of at most 64, twice the rows a
+# step and a third stage; blocks of 64 keys, whose programs hold all of them, half the warps
+# (benchmarks/tune_fused_routes.py).
 BACKWARD_CONFIGS = [(64, 64, 4, 3), (32, 32, 4, 1)]
-BACKWARD_CONFIGS_SMALL_BLOCKS = [(64, 128, 8, 3), (32, 64, 4, 1)]
-BACKWARD_CONFIGS_BLOCKS_64 = [(64, 64, 4, 3), (32, 64, 4, 1)]
+BACKWARD_CONFIGS_SMALL_BLOCKS = [(32, 128, 8, 2), (32, 64, 4, 1)]
+BACKWARD_CONFIGS_SMALL_BLOCKS_HEAD_DIM_64 = [(64, 128, 8, 3), (32, 64, 4, 1)]
+BACKWARD_CONFIGS_BLOCKS_64_HEAD_DIM_64 = [(64, 64, 4, 3), (32, 64, 4, 1)]
 _SMALL_BLOCKS = 256
 # Head dims of at most 64 fit twice the rows a step in the same registers; at 128 the larger tile
 # spills and is slower.
@@ -436,8 +438,11 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
     )
     hkv, nb = k.shape[1], routes.num_blocks
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1))
-    configs = (BACKWARD_CONFIGS_BLOCKS_64 if chunk <= 64 else BACKWARD_CONFIGS_SMALL_BLOCKS if chunk <= _SMALL_BLOCKS
-               else BACKWARD_CONFIGS_HEAD_DIM_64 if d <= 64 else BACKWARD_CONFIGS)
+    if chunk <= _SMALL_BLOCKS:
+        configs = (BACKWARD_CONFIGS_SMALL_BLOCKS if d > 64 else BACKWARD_CONFIGS_BLOCKS_64_HEAD_DIM_64 if chunk <= 64
+                   else BACKWARD_CONFIGS_SMALL_BLOCKS_HEAD_DIM_64)
+    else:
+        configs = BACKWARD_CONFIGS_HEAD_DIM_64 if d <= 64 else BACKWARD_CONFIGS
     key = ("backward", q.device, q.dtype, d, chunk)
     with_dq = chunk <= 2 * math.gcd(_config_in_use.get(key, configs[0])[1], chunk)
 
