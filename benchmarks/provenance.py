@@ -11,8 +11,10 @@ from pathlib import Path
 
 
 def commit() -> str:
-    """The checkout's commit (``+`` when it has uncommitted changes), or ``MOBA_COMMIT`` where the
-    code was copied without its git history (as onto a lent GPU machine)."""
+    """``MOBA_COMMIT`` where set (code copied onto a lent GPU machine, whose git history is not the
+    code's), else the checkout's commit (``+`` when it has uncommitted changes)."""
+    if os.environ.get("MOBA_COMMIT"):
+        return os.environ["MOBA_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -21,7 +23,7 @@ def commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MOBA_COMMIT", "unknown")
+        return "unknown"
 
 
 def provenance() -> dict:
