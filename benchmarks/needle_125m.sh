@@ -8,8 +8,10 @@
 #
 # A variant is `full` (--moba-disable), `moba` (the config's MoBA, 2048 / 3 with layer 12 full) or
 # `moba:CHUNK:TOPK`, followed by any of `:conv=W` (--moba-key-conv W), `:steps=N` (N steps at 32K
-# instead of LONG_ITERS) and `:full-from=N` (--moba-full-attn-from-iter N): for example
-# `moba:128:48:conv=3:steps=800:full-from=700`. Results go to OUTDIR/NAME, NAME the variant with `-`
+# instead of LONG_ITERS), `:full-from=N` (--moba-full-attn-from-iter N) and `:seed=N` (the fine-tune's
+# --seed: its data order; the needle probes stay the same, so seeds of one variant show the run-to-run
+# spread): for example `moba:128:48:conv=3:steps=800:full-from=700`, `full:seed=2`.
+# Results go to OUTDIR/NAME, NAME the variant with `-`
 # for `:` and without `=` (moba-128-48-conv3-steps800-full-from700).
 #
 # Why the stages (benchmarks/RESULTS.md, "Retrieval quality"): the 125M model forms an induction head (the
@@ -24,10 +26,10 @@
 # one after the other, so each fine-tune's step time is its own; PARALLEL=1 runs them side by side instead
 # (less wall time, shared step times).
 set -euo pipefail
-usage="usage: benchmarks/needle_125m.sh OUTDIR VARIANT... (full, moba, moba:CHUNK:TOPK[:conv=W][:steps=N][:full-from=N])"
+usage="usage: benchmarks/needle_125m.sh OUTDIR VARIANT... (full, moba, moba:CHUNK:TOPK[:conv=W][:steps=N][:full-from=N][:seed=N])"
 out=${1:?$usage}
 shift
-variant_re='^(full|moba(:[0-9]+:[0-9]+)?(:conv=[0-9]+|:steps=[0-9]+|:full-from=[0-9]+)*)$'
+variant_re='^(full|moba(:[0-9]+:[0-9]+)?)(:conv=[0-9]+|:steps=[0-9]+|:full-from=[0-9]+|:seed=[0-9]+)*$'
 for variant in "$@"; do
     [[ $variant =~ $variant_re ]] || { echo "needle_125m.sh: cannot parse variant '$variant': $usage" >&2; exit 2; }
 done
@@ -74,7 +76,7 @@ else
     done
 fi
 long() {  # VARIANT: fine-tune at the config's length, then the needle grid
-    local name flags=() iters=${LONG_ITERS:-200} part parts
+    local name flags=() train_flags=() iters=${LONG_ITERS:-200} part parts
     IFS=: read -r -a parts <<< "$1"
     name=${1//:/-}
     name=${name//=/}
@@ -89,10 +91,11 @@ long() {  # VARIANT: fine-tune at the config's length, then the needle grid
             conv=*) flags+=(--moba-key-conv "${part#conv=}") ;;
             steps=*) iters=${part#steps=} ;;
             full-from=*) flags+=(--moba-full-attn-from-iter "${part#full-from=}") ;;
+            seed=*) train_flags+=(--seed "${part#seed=}") ;;
         esac
     done
     log "$name at the config's length, $iters steps"
-    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" --load "$runs/$last" --finetune --save "$runs/$name" \
+    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" "${train_flags[@]}" --load "$runs/$last" --finetune --save "$runs/$name" \
         --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 --lr-warmup-iters 10 \
         --train-iters "$iters" --log-interval 20
     local eval_flags=("${flags[@]}")

@@ -94,3 +94,13 @@ def test_wilson_interval():
     assert wilson_interval(24, 24)[1] == 1.0 and wilson_interval(24, 24)[0] == pytest.approx(0.862, abs=1e-3)
     assert wilson_interval(0, 6)[0] == 0.0 and wilson_interval(0, 6)[1] == pytest.approx(0.390, abs=1e-3)
 
+
+
+@pytest.mark.parametrize("variant", ["moba:128", "full:sd=1", "moba:128:48:conv"])
+def test_study_refuses_a_variant_it_cannot_parse(tmp_path, variant):
+    """benchmarks/needle_125m.sh checks every variant before it starts a job."""
+    script = ROOT / "benchmarks" / "needle_125m.sh"
+    run = subprocess.run(["bash", str(script), str(tmp_path), "full:seed=2", variant], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert f"cannot parse variant '{variant}'" in run.stderr and ":seed=N" in run.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
