@@ -38,10 +38,13 @@ CASES = [
     ([300], 16, 1, 2, 2, 16),  # one slot, many blocks
     ([200, 1, 0, 90], 8, 3, 4, 2, 32),  # sequences shorter than a block, length 1, empty; GQA
     ([500, 37], 4, 7, 2, 1, 16),  # a tile of queries straddling two sequences
-    ([700], 4, 63, 2, 2, 16),  # top-k 64
-    ([600, 200], 4, 127, 2, 1, 16),  # top-k 128, the most insertion keeps; tiles straddling two sequences
-    ([1300], 4, 300, 1, 1, 16),  # the threshold kernel: more selections than the first queries' candidates
-    ([900, 40, 700], 2, 200, 2, 2, 16),  # the threshold kernel, tiles straddling three sequences
+    # Many selections (long under the interpreter: the full suite only)
+    pytest.param([700], 4, 63, 2, 2, 16, marks=pytest.mark.slow),  # top-k 64
+    # top-k 128, the most insertion keeps; tiles straddling two sequences
+    pytest.param([600, 200], 4, 127, 2, 1, 16, marks=pytest.mark.slow),
+    # the threshold kernel: more selections than the first queries' candidates
+    pytest.param([1300], 4, 300, 1, 1, 16, marks=pytest.mark.slow),
+    pytest.param([900, 40, 700], 2, 200, 2, 2, 16, marks=pytest.mark.slow),  # ... tiles straddling three sequences
     ([3 * 8192 + 100], 8192, 2, 1, 1, 16),  # the largest block size
 ]
 

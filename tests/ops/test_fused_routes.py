@@ -48,6 +48,24 @@ def test_fused_routes_match_reference(lens, chunk, topk, hq, hkv, d, dtype, padd
     check(lens, chunk, topk, hq, hkv, d, dtype, backend=FusedOnPaddedTorch(64) if padded else None)
 
 
+@pytest.mark.parametrize(
+    "lens,chunk,topk,hq,hkv,d",
+    [
+        # top-k 128: the most selections the insertion gate keeps; past 129: the threshold gate
+        pytest.param([2100], 16, 128, 1, 1, 16, marks=pytest.mark.slow),
+        pytest.param([2400], 16, 140, 1, 1, 16, marks=pytest.mark.slow),
+        ([700, 33, 300], 48, 20, 4, 2, 16),  # several sequences, partial blocks, GQA 2
+        ([500, 260], 80, 1, 2, 2, 16),  # top-k 1: own blocks only
+        ([600], 80, 12, 2, 2, 32),  # top-k beyond the 8 blocks: dense causal
+        ([300, 1000], 128, 5, 2, 1, 16),  # GQA 2
+        ([4500], 2048, 2, 2, 2, 16),  # large blocks, a partial last one
+    ],
+)
+def test_block_sizes_and_top_k(lens, chunk, topk, hq, hkv, d):
+    """Blocks from 16 to 2048 keys and top-k from 1 to past 128, through the fused gate and routes."""
+    check(lens, chunk, topk, hq, hkv, d, torch.float32 if DEVICE == "cpu" else torch.float16)
+
+
 def test_head_groups(monkeypatch):
     # A state budget of one head per group: every group fills and merges its own heads only.
     from moba_megatron.ops.moba import routing
