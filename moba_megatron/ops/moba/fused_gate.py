@@ -41,6 +41,7 @@ THRESHOLD_SCORES = 8192
 
 
 def _threshold(num_selected: int, max_candidates: int) -> bool:
+    """Whether the threshold kernel (not insertion) selects these."""
     return num_selected > INSERTION_MAX_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
 
 
