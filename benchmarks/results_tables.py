@@ -103,21 +103,21 @@ def _blocks(run: dict) -> str:
 
 def training_step() -> list[str]:
     """Steady step times (median after the warm-up steps) of each run, against full attention on
-    cuDNN in the same invocation, or, for a run of MoBA alone, in the invocation named."""
-    runs = [("train-125m.json", "125M at 32K, `configs/gpt-125m-32k.yaml`, batch 2", None),
-            ("train-125m-128-48.json", "the same", None),
-            ("train-8b.json", "two Llama-3-8B-shape layers at 128K, `configs/llama3-8b-2layer-1m.yaml`", None)]
+    cuDNN in the same invocation."""
+    runs = [("train-125m.json", "125M at 32K, `configs/gpt-125m-32k.yaml`, batch 2"),
+            ("train-125m-128-48.json", "the same"),
+            ("train-8b.json", "two Llama-3-8B-shape layers at 128K, `configs/llama3-8b-2layer-1m.yaml`")]
     out = ["| model | MoBA blocks | MoBA ms a step | full attention (cuDNN) ms | MoBA / full | max allocated GiB, "
            "MoBA / full |", "|---|---|---:|---:|---:|---|"]
     sources = []
-    for name, what, full_from in runs:
+    for name, what in runs:
         run = _load(name)
-        full = (_load(full_from) if full_from else run)["results"]["full-cudnn"]
+        full = run["results"]["full-cudnn"]
         moba = run["results"]["moba"]
         out.append(f"| {what} | {_blocks(run)} | {moba['steady_ms']:.1f} | {full['steady_ms']:.1f} | "
                    f"**{moba['steady_ms'] / full['steady_ms']:.3f}** | "
                    f"{moba['max_alloc_gib']:.1f} / {full['max_alloc_gib']:.1f} |")
-        sources.append(f"- {_source(run)}" + (" (full attention from the first run)" if full_from else ""))
+        sources.append(f"- {_source(run)}")
     return [*out, "", "Sources:", *sources]
 
 

@@ -37,8 +37,6 @@ def key_conv(k: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, hal
     token, so packed sequences stay apart). ``halo [W - 1, B, H, D]``: the keys just before ``k[0]``
     when ``k`` starts inside a sequence (a context-parallel chunk); None reads zeros there."""
     width = weight.shape[-1]
-    if width == 1:
-        return k * weight[..., 0]
     ext = torch.cat([halo if halo is not None else k.new_zeros(width - 1, *k.shape[1:]), k])
     out = k * weight[..., 0]
     t = k.shape[0]

@@ -420,6 +420,15 @@ def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float)
     return out, lse
 
 
+def _backward_configs(chunk: int, head_dim: int) -> list[tuple]:
+    """The dK/dV kernel's tile configurations for this block size and head dim, tried in order."""
+    if chunk > _SMALL_BLOCKS:
+        return BACKWARD_CONFIGS_HEAD_DIM_64 if head_dim <= 64 else BACKWARD_CONFIGS
+    if head_dim > 64:
+        return BACKWARD_CONFIGS_SMALL_BLOCKS
+    return BACKWARD_CONFIGS_BLOCKS_64_HEAD_DIM_64 if chunk <= 64 else BACKWARD_CONFIGS_SMALL_BLOCKS_HEAD_DIM_64
+
+
 def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, scale: float, dq, dk, dv) -> None:
     """Adds every routed row's gradients in place: dq into ``dq`` (fp32, shaped like q) and dK, dV
     into ``dk, dv`` (any dtype, shaped like k). ``dout, q, out [T, heads, D]`` share strides and
@@ -438,11 +447,7 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
     )
     hkv, nb = k.shape[1], routes.num_blocks
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1))
-    if chunk <= _SMALL_BLOCKS:
-        configs = (BACKWARD_CONFIGS_SMALL_BLOCKS if d > 64 else BACKWARD_CONFIGS_BLOCKS_64_HEAD_DIM_64 if chunk <= 64
-                   else BACKWARD_CONFIGS_SMALL_BLOCKS_HEAD_DIM_64)
-    else:
-        configs = BACKWARD_CONFIGS_HEAD_DIM_64 if d <= 64 else BACKWARD_CONFIGS
+    configs = _backward_configs(chunk, d)
     key = ("backward", q.device, q.dtype, d, chunk)
     with_dq = chunk <= 2 * math.gcd(_config_in_use.get(key, configs[0])[1], chunk)
 
