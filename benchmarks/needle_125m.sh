@@ -12,7 +12,8 @@
 # --seed: its data order; the needle probes stay the same, so seeds of one variant show the run-to-run
 # spread): for example `moba:128:48:conv=3:steps=800:full-from=700`, `full:seed=2`.
 # Results go to OUTDIR/NAME, NAME the variant with `-`
-# for `:` and without `=` (moba-128-48-conv3-steps800-full-from700).
+# for `:` and without `=` (moba-128-48-conv3-steps800-full-from700), with NAME/variant.json: how it ran (side by side
+# or alone, evaluated on MoBA or on full attention), for the summary.
 #
 # Why the stages (benchmarks/RESULTS.md, "Retrieval quality"): the 125M model forms an induction head (the
 # loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8 needles, vocabulary 64, after
@@ -102,6 +103,11 @@ long() {  # VARIANT: fine-tune at the config's length, then the needle grid
     if [[ " ${flags[*]} " == *" --moba-full-attn-from-iter "* ]]; then
         eval_flags+=(--moba-disable)  # it ended on full attention: evaluate it so
     fi
+    local attention=moba
+    [[ " ${eval_flags[*]} " == *" --moba-disable "* ]] && attention=full
+    mkdir -p "$out/$name"  # how it ran, for the summary: its step time is its own unless side by side
+    printf '{"variant": "%s", "side_by_side": %s, "eval_attention": "%s"}\n' "$1" \
+        "$([ "${PARALLEL:-0}" = 1 ] && echo true || echo false)" "$attention" > "$out/$name/variant.json"
     job "$name-eval" moba_megatron.eval.needle "${task[@]}" "${eval_flags[@]}" --load "$runs/$name" --token-losses 2 \
         --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples "${SAMPLES:-24}" \
         --out "$out/$name"

@@ -121,13 +121,13 @@ def training_step() -> list[str]:
     return [*out, "", "Sources:", *sources]
 
 
-def retrieval() -> list[str]:
-    """The last retrieval study (`needle_125m.sh`), as `needle_summary.py` prints it, from the files the
+def retrieval(folder: str = "needle-study") -> list[str]:
+    """A retrieval study (`needle_125m.sh`), as `needle_summary.py` prints it, from the files the
     study wrote: each variant's needle.json, and summary.json for its steps and step time."""
     sys.path.insert(0, str(HERE))
     from needle_summary import table
 
-    study = DATA / "needle-study"
+    study = DATA / folder
     meta = json.loads((study / "summary.json").read_text())
     runs = [dict(r, cells=json.loads((study / r["name"] / "needle.json").read_text())) for r in meta["runs"]]
     lengths = sorted({c["length"] for c in runs[0]["cells"]})[-2:]
@@ -135,7 +135,8 @@ def retrieval() -> list[str]:
             f"`{meta['command']}`."]
 
 
-TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step, "retrieval": retrieval}
+TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step, "retrieval": retrieval,
+          "retrieval-another-base": lambda: retrieval("needle-study-another-base")}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

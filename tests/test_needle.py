@@ -1,6 +1,7 @@
 """The long-context retrieval eval: its probes, and a run on a checkpoint (2 gloo ranks, TP=2 and
 CP=2) writing needle.json and the heatmap."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -104,3 +105,59 @@ def test_study_refuses_a_variant_it_cannot_parse(tmp_path, variant):
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert f"cannot parse variant '{variant}'" in run.stderr and ":seed=N" in run.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def _summary_module():
+    spec = importlib.util.spec_from_file_location("needle_summary", ROOT / "benchmarks" / "needle_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _study_run(name, accuracy, step_ms, shared=False, eval_attention="moba"):
+    """A study row: ``accuracy`` maps (length, depth) to a cell's accuracy."""
+    cells = [{"length": n, "depth": d, "accuracy": a, "probes": 24} for (n, d), a in accuracy.items()]
+    return dict(name=name, cells=cells, steps=200, step_ms=step_ms, shared=shared, eval_attention=eval_attention)
+
+
+FULL_CELLS = {(16384, 0.0): 1.0, (16384, 1.0): 0.5, (32768, 0.0): 0.75, (32768, 1.0): 0.75}
+
+
+@pytest.mark.parametrize("accuracy, step_ms, shared, expected", [
+    (FULL_CELLS, 300.0, False, "yes"),
+    (FULL_CELLS, 380.0, False, "accuracy only: its step is 0.76 of full's"),
+    (FULL_CELLS, 300.0, True, "accuracy only: its step time was not measured alone"),
+    ({**FULL_CELLS, (16384, 0.0): 0.75, (16384, 1.0): 0.75}, 300.0, False, "no: cell 16K / 0.00 at 0.75"),
+    ({**FULL_CELLS, (32768, 1.0): 0.625}, 300.0, False, "no: mean at 32K 0.69 against 0.75"),
+])
+def test_study_verdict_holds_parity_and_the_step_bar(accuracy, step_ms, shared, expected):
+    """needle_summary's last column: parity by DESIGN (means within 0.05, no cell under 0.8 where full's
+    is at least 0.9) and a step of at most 0.75 of full's, measured alone."""
+    summary = _summary_module()
+    full = _study_run("full", FULL_CELLS, 500.0, eval_attention="full")
+    run = _study_run("moba", accuracy, step_ms, shared)
+    assert summary.verdict(run, full, [16384, 32768]).startswith(expected)
+    row = summary.table([full, run], [16384, 32768])[-1]
+    assert ("(shared)" in row) == shared and ("| - |" in row) == shared  # a shared step is not compared
+
+
+def test_study_summary_reads_how_each_variant_ran(tmp_path):
+    """The step time is the mean of the logged windows after the first (a run that switches to full
+    attention counts both phases), and variant.json marks shared steps and full-attention evals."""
+    summary = _summary_module()
+    for name, windows, meta in (("full", [900, 500, 500, 500], {"side_by_side": False, "eval_attention": "full"}),
+                                ("moba-1-2-full-from40", [900, 600, 600, 300], {"side_by_side": False,
+                                                                                 "eval_attention": "full"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "needle.json").write_text(json.dumps(
+            [{"length": n, "depth": d, "accuracy": a, "probes": 24} for (n, d), a in FULL_CELLS.items()]))
+        (tmp_path / name / "variant.json").write_text(json.dumps(meta))
+        (tmp_path / f"job-{name}.log").write_text("".join(
+            f" iteration {20 * (i + 1):8d}/      80 | consumed samples: 40 | "
+            f"elapsed time per iteration (ms): {ms:.1f} | learning rate: 3E-04\n" for i, ms in enumerate(windows)))
+    summary.main([str(tmp_path)])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert rows["full"]["step_ms"] == pytest.approx(500.0) and rows["full"]["steps"] == 80
+    assert rows["moba-1-2-full-from40"]["step_ms"] == pytest.approx(500.0)  # the mean; the median says 600
+    table = (tmp_path / "summary.md").read_text()
+    assert "| moba-1-2-full-from40 | 80 | 500 | 1.00 |" in table and "(evaluated on full attention)" in table
