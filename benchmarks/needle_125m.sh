@@ -13,7 +13,8 @@
 # spread): for example `moba:128:48:conv=3:steps=800:full-from=700`, `full:seed=2`.
 # Results go to OUTDIR/NAME, NAME the variant with `-`
 # for `:` and without `=` (moba-128-48-conv3-steps800-full-from700), with NAME/variant.json: how it ran (side by side
-# or alone, evaluated on MoBA or on full attention), for the summary.
+# or alone, evaluated on MoBA or on full attention), for the summary. A variant that ends on full attention
+# (`:full-from=N`) is evaluated so, and with its MoBA too, in OUTDIR/NAME-as-moba.
 #
 # Why the stages (benchmarks/RESULTS.md, "Retrieval quality"): the 125M model forms an induction head (the
 # loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8 needles, vocabulary 64, after
@@ -76,8 +77,18 @@ else
         previous=s$length
     done
 fi
+evaluate() {  # NAME ATTENTION TRAINED FLAGS...: the needle grid of checkpoint TRAINED into OUTDIR/NAME
+    local name=$1 attention=$2 trained=$3
+    shift 3
+    mkdir -p "$out/$name"  # how it ran, for the summary: its step time is its own unless side by side
+    printf '{"trained_as": "%s", "side_by_side": %s, "eval_attention": "%s"}\n' "$trained" \
+        "$([ "${PARALLEL:-0}" = 1 ] && echo true || echo false)" "$attention" > "$out/$name/variant.json"
+    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "$@" --load "$runs/$trained" --token-losses 2 \
+        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples "${SAMPLES:-24}" \
+        --out "$out/$name"
+}
 long() {  # VARIANT: fine-tune at the config's length, then the needle grid
-    local name flags=() train_flags=() iters=${LONG_ITERS:-200} part parts
+    local name flags=() phase=() train_flags=() iters=${LONG_ITERS:-200} part parts
     IFS=: read -r -a parts <<< "$1"
     name=${1//:/-}
     name=${name//=/}
@@ -91,26 +102,20 @@ long() {  # VARIANT: fine-tune at the config's length, then the needle grid
         case $part in
             conv=*) flags+=(--moba-key-conv "${part#conv=}") ;;
             steps=*) iters=${part#steps=} ;;
-            full-from=*) flags+=(--moba-full-attn-from-iter "${part#full-from=}") ;;
+            full-from=*) phase=(--moba-full-attn-from-iter "${part#full-from=}") ;;
             seed=*) train_flags+=(--seed "${part#seed=}") ;;
         esac
     done
     log "$name at the config's length, $iters steps"
-    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" "${train_flags[@]}" --load "$runs/$last" --finetune --save "$runs/$name" \
-        --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 --lr-warmup-iters 10 \
-        --train-iters "$iters" --log-interval 20
-    local eval_flags=("${flags[@]}")
-    if [[ " ${flags[*]} " == *" --moba-full-attn-from-iter "* ]]; then
-        eval_flags+=(--moba-disable)  # it ended on full attention: evaluate it so
+    job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" "${phase[@]}" "${train_flags[@]}" --load "$runs/$last" \
+        --finetune --save "$runs/$name" --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 \
+        --lr-warmup-iters 10 --train-iters "$iters" --log-interval 20
+    if [ ${#phase[@]} -gt 0 ]; then  # it ended on full attention: evaluated so, and with its MoBA as well
+        evaluate "$name" full "$name" "${flags[@]}" --moba-disable
+        evaluate "$name-as-moba" moba "$name" "${flags[@]}"
+    else
+        evaluate "$name" "$([ "${parts[0]}" = full ] && echo full || echo moba)" "$name" "${flags[@]}"
     fi
-    local attention=moba
-    [[ " ${eval_flags[*]} " == *" --moba-disable "* ]] && attention=full
-    mkdir -p "$out/$name"  # how it ran, for the summary: its step time is its own unless side by side
-    printf '{"variant": "%s", "side_by_side": %s, "eval_attention": "%s"}\n' "$1" \
-        "$([ "${PARALLEL:-0}" = 1 ] && echo true || echo false)" "$attention" > "$out/$name/variant.json"
-    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "${eval_flags[@]}" --load "$runs/$name" --token-losses 2 \
-        --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples "${SAMPLES:-24}" \
-        --out "$out/$name"
 }
 if [ "${PARALLEL:-0}" = 1 ]; then  # the variants side by side on the one GPU: less wall time, their step times shared
     pids=()

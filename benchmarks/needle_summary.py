@@ -5,10 +5,11 @@ every variant's needle heatmap side by side, and the position-wise loss at the l
                                                    # OUT/heatmaps.png and OUT/position_loss.png
 
 Reads each variant's OUT/NAME/needle.json and position_losses.json (the needle eval's), its
-OUT/NAME/variant.json (how the study ran it), and its fine-tune log OUT/job-NAME.log for the steps at
-the long length and the step time: the mean of the logged windows after the first, so a run that
-ends on full attention counts both phases. A variant run side by side with others
-(``PARALLEL=1``) shares the card: its step time is shown as shared and not compared.
+OUT/NAME/variant.json (how the study ran it), and its fine-tune's log (OUT/job-NAME.log, or that of
+the ``trained_as`` variant.json names) for the steps at the long length and the step time: the mean
+of the logged windows after the first, so a run that ends on full attention counts both phases. A
+variant run side by side with others (``PARALLEL=1``) shares the card: its step time is shown as
+shared and not compared.
 
 The last column holds a variant against the recommendation bar: parity with full attention
 (docs/data-and-eval.md: the mean accuracy at 16K and 32K each within 0.05 of full's, no cell below
@@ -31,11 +32,11 @@ STEP_BAR = 0.75  # a recommended configuration trains at most this fraction of f
 
 def load(out: Path, name: str) -> dict:
     cells = json.loads((out / name / "needle.json").read_text())
-    log = out / f"job-{name}.log"
-    steps = [(int(i), float(ms)) for i, ms in STEP.findall(log.read_text())] if log.is_file() else []
     positions = out / name / "position_losses.json"
     variant = out / name / "variant.json"
     meta = json.loads(variant.read_text()) if variant.is_file() else {}
+    log = out / f"job-{meta.get('trained_as', name)}.log"  # one fine-tune may have two evals
+    steps = [(int(i), float(ms)) for i, ms in STEP.findall(log.read_text())] if log.is_file() else []
     return dict(
         name=name,
         cells=cells,
