@@ -1,7 +1,6 @@
 """The long-context retrieval eval: its probes, and a run on a checkpoint (2 gloo ranks, TP=2 and
 CP=2) writing needle.json and the heatmap."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,6 +13,7 @@ from moba_megatron.eval.needle import PasskeyProbes, SyntheticProbes
 from moba_megatron.training.arguments import parse_args
 from moba_megatron.training.data import DEFAULT_VOCAB, KEY, QUERY, SyntheticRetrieval
 from tests.helpers.job import ROOT, SMALL, bpe_tokenizer, run_job
+from tests.helpers.scripts import benchmark_module
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
@@ -96,7 +96,6 @@ def test_wilson_interval():
     assert wilson_interval(0, 6)[0] == 0.0 and wilson_interval(0, 6)[1] == pytest.approx(0.390, abs=1e-3)
 
 
-
 @pytest.mark.parametrize("variant", ["moba:128", "full:sd=1", "moba:128:48:conv"])
 def test_study_refuses_a_variant_it_cannot_parse(tmp_path, variant):
     """benchmarks/needle_125m.sh checks every variant before it starts a job."""
@@ -105,13 +104,6 @@ def test_study_refuses_a_variant_it_cannot_parse(tmp_path, variant):
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert f"cannot parse variant '{variant}'" in run.stderr and ":seed=N" in run.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
-
-
-def _summary_module():
-    spec = importlib.util.spec_from_file_location("needle_summary", ROOT / "benchmarks" / "needle_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _study_run(name, accuracy, step_ms, shared=False, eval_attention="moba"):
@@ -133,7 +125,7 @@ FULL_CELLS = {(16384, 0.0): 1.0, (16384, 1.0): 0.5, (32768, 0.0): 0.75, (32768, 
 def test_study_verdict_holds_parity_and_the_step_bar(accuracy, step_ms, shared, expected):
     """needle_summary's last column: parity by DESIGN (means within 0.05, no cell under 0.8 where full's
     is at least 0.9) and a step of at most 0.75 of full's, measured alone."""
-    summary = _summary_module()
+    summary = benchmark_module("needle_summary")
     full = _study_run("full", FULL_CELLS, 500.0, eval_attention="full")
     run = _study_run("moba", accuracy, step_ms, shared)
     assert summary.verdict(run, full, [16384, 32768]).startswith(expected)
@@ -144,7 +136,7 @@ def test_study_verdict_holds_parity_and_the_step_bar(accuracy, step_ms, shared, 
 def test_study_summary_reads_how_each_variant_ran(tmp_path):
     """The step time is the mean of the logged windows after the first (a run that switches to full
     attention counts both phases), and variant.json marks shared steps and full-attention evals."""
-    summary = _summary_module()
+    summary = benchmark_module("needle_summary")
     for name, windows, meta in (("full", [900, 500, 500, 500], {"side_by_side": False, "eval_attention": "full"}),
                                 ("moba-1-2-full-from40", [900, 600, 600, 300], {"side_by_side": False,
                                                                                  "eval_attention": "full"})):
