@@ -34,9 +34,10 @@ class MoBAFunction(torch.autograd.Function):
         kernels = routed.Kernels.choose(backend, q, layout.chunk)
         routes = None
         if slots > 0:
-            sel = select_blocks(q, block_key_sums(k, layout), layout, slots, fused=backend.triton_routes)
-            routes = route_selection(sel, layout.num_blocks, k.shape[1], q.shape[-1])
-            del sel
+            # The selection goes straight into the routing, which lets it go before its sort.
+            routes = route_selection(select_blocks(q, block_key_sums(k, layout), layout, slots,
+                                                   fused=backend.triton_routes),
+                                     layout.num_blocks, k.shape[1], q.shape[-1])
             if not (kernels.fused and kernels.fused_backward):
                 routes.start_host_copy()  # the tile calls need the run sizes on the host
         out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)

@@ -69,8 +69,10 @@ def supports(q: torch.Tensor, chunk: int) -> bool:
 
 @triton.jit
 def _row_place(rid, slots, heads):
+    """Token (int64: it scales strides), head and slot of row ``rid``. Row ids are int32 where they
+    fit (``routing.Routes.order``): int64 division is emulated in software, and slow."""
     cell = rid // slots
-    return cell // heads, cell % heads, rid % slots
+    return (cell // heads).to(tl.int64), cell % heads, rid % slots
 
 
 @triton.jit
@@ -257,22 +259,18 @@ def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
 
 @triton.jit
 def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, SRC, order, tile_row0, tile_rows, width, T, stride_t, stride_h,
-                   heads, slots, h0, nh, code, D: tl.constexpr, BR: tl.constexpr, ROW_ID_32: tl.constexpr):
+                   heads, slots, h0, nh, code, D: tl.constexpr, BR: tl.constexpr):
     """Kernel rows ``[first, first + BR)`` of a call of tiles padded to ``width`` rows (``BR`` divides
     it, so they lie in one tile): row i is sorted row ``tile_row0 + i % width`` of its tile or, past
     the tile's rows (padding), the tile's last row again, with a zero dO. Each real row also leaves
-    ``code + i`` at its (token, head, slot) place of ``SRC``, where the fold of dq finds it. Row ids
-    are split in int32 where they fit: int64 division is emulated in software, and slow."""
+    ``code + i`` at its (token, head, slot) place of ``SRC``, where the fold of dq finds it."""
     first = tl.program_id(0).to(tl.int64) * BR
     tile = first // width
     pos = first % width + tl.arange(0, BR)
     count = tl.load(tile_rows + tile)
     real = pos < count
     rid = tl.load(order + tl.load(tile_row0 + tile) + tl.minimum(pos, tl.maximum(count - 1, 0)))
-    if ROW_ID_32:
-        rid = rid.to(tl.int32)
     t, h, s = _row_place(rid, slots, heads)
-    t = t.to(tl.int64)
     rows = first + tl.arange(0, BR)
     d = tl.arange(0, D)
     src = t[:, None] * stride_t + h[:, None] * stride_h + d[None, :]
@@ -527,7 +525,7 @@ def gather_tile_rows(dout, q, out, lse, routes, piece, grp, sources, index: int)
     _gather_kernel[(n // br,)](
         q, dout, out, lse, q_rows, dout_rows, out_rows, lse_rows, sources, routes.order, piece.tile_row0,
         piece.tile_rows, piece.width, t, q.stride(0), q.stride(1), routes.heads, routes.slots, grp.h0,
-        grp.h1 - grp.h0, index << 40, D=d, BR=br, ROW_ID_32=routes.order.numel() < 2**31, num_warps=4,
+        grp.h1 - grp.h0, index << 40, D=d, BR=br, num_warps=4,
     )
     return dout_rows, q_rows, out_rows, lse_rows
 

@@ -107,7 +107,8 @@ def _fold_into(dst: torch.Tensor, parts: torch.Tensor) -> None:
 
 
 def _cells(routes: Routes, rid: torch.Tensor):
-    """Cell (``t * heads + h``), head-major cell (``h * T + t``) and slot of rows ``rid``."""
+    """Cell (``t * heads + h``), head-major cell (``h * T + t``) and slot of rows ``rid``, as int64."""
+    rid = rid.long()
     cell = rid // routes.slots
     t, h = cell // routes.heads, cell % routes.heads
     return cell, h * routes.num_tokens + t, rid % routes.slots, t, h

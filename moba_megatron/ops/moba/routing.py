@@ -72,20 +72,27 @@ class Piece:
         return rows.flatten(), valid.flatten()
 
 
+def run_id_dtype(num_runs: int) -> torch.dtype:
+    """The narrowest dtype of run ids up to ``num_runs`` (the unused slots' id): the radix sort makes
+    a pass per key byte, so int16 takes two passes, not the eight of int64."""
+    return torch.int16 if num_runs < 2**15 else torch.int32
+
+
 class Routes:
-    """Rows sorted into runs. ``order [rows]`` int64: the row id at each sorted place, the runs'
-    rows first (unused slots after them); ``run_start [runs + 1]`` int64 on the device: where each
-    run begins. Run ``((kv_head * subgroups) + sub) * num_blocks + block``."""
+    """Rows sorted into runs. ``order [rows]``: the row id at each sorted place, the runs' rows first
+    (unused slots after them), int32 where every row id fits (the kernels divide them: int64 division
+    is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]`` int64 on the
+    device: where each run begins. Run ``((kv_head * subgroups) + sub) * num_blocks + block``.
+    ``keys [rows]``: each row's run (``num_runs`` for unused slots), as ``run_id_dtype``."""
 
     def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
                  subgroups: int, num_blocks: int, groups: list[HeadGroup]):
         self.num_tokens, self.heads, self.slots = num_tokens, heads, slots
         self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
         self.num_runs = kv_heads * subgroups * num_blocks
-        # The radix sort makes a pass per key byte: run ids (and the unused slots' num_runs) sorted
-        # as int16 take two passes, not the eight of int64.
-        narrow = torch.int16 if self.num_runs < 2**15 else torch.int32
-        sorted_keys, self.order = torch.sort(keys.to(narrow), stable=True)
+        sorted_keys, order = torch.sort(keys.to(run_id_dtype(self.num_runs)), stable=True)
+        self.order = order.to(torch.int32) if order.numel() < 2**31 else order
+        del order
         bounds = torch.arange(self.num_runs + 1, device=keys.device, dtype=sorted_keys.dtype)
         self.run_start = torch.searchsorted(sorted_keys, bounds)
         del sorted_keys
@@ -160,9 +167,14 @@ def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_
     first_run = ((heads // group) * subgroups + (heads % group) // per % subgroups) * num_blocks
     nruns = num_kv_heads * subgroups * num_blocks
     groups = [HeadGroup(h0, h1, int(first_run[h0]), int(first_run[h1 - 1]) + num_blocks) for h0, h1 in ranges]
-    runs = first_run.to(sel.device, torch.int32, non_blocking=True).view(1, hq, 1)
-    keys = torch.where(sel >= 0, runs + sel, nruns).flatten()
-    return Routes(keys, num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
+    # The keys are built in the sort's narrow dtype, and ``sel`` let go before the sort: at many slots
+    # these are the op's largest temporaries.
+    narrow = run_id_dtype(nruns)
+    keys = sel.to(narrow)
+    keys += first_run.to(sel.device, narrow, non_blocking=True).view(1, hq, 1)
+    keys.masked_fill_(sel < 0, nruns)
+    del sel  # the caller's reference goes with the call (route_selection(select_blocks(...)))
+    return Routes(keys.view(-1), num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
                   num_blocks=num_blocks, groups=groups)
 
 
