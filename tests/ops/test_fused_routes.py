@@ -66,12 +66,19 @@ def test_block_sizes_and_top_k(lens, chunk, topk, hq, hkv, d):
     check(lens, chunk, topk, hq, hkv, d, torch.float32 if DEVICE == "cpu" else torch.float16)
 
 
-def test_head_groups(monkeypatch):
-    # A state budget of one head per group: every group fills and merges its own heads only.
+@pytest.mark.parametrize(
+    "topk,budget",
+    [
+        (3, 256 * 2 * 16),  # one head's state exactly: a group a head, each filled and merged alone
+        (6, 256 * 2 * 16),  # 5 slots over the budget: each head's slots in parts of 2, 2 and 1
+        (3, 1),  # a part a slot
+    ],
+)
+def test_head_groups_and_slot_parts(monkeypatch, topk, budget):
     from moba_megatron.ops.moba import routing
 
-    monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
-    check([192, 64], 32, 3, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
+    monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
+    check([192, 64], 32, topk, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
 
 
 def test_tile_backward_of_several_calls_per_head_group(monkeypatch):

@@ -35,8 +35,9 @@ def test_padded_tiles_match_reference(monkeypatch, width, group):
 
 @pytest.mark.parametrize("group", [1, 2])
 def test_padded_tiles_in_head_groups(monkeypatch, group):
-    """One head per group: later groups' kv heads start past block 0, and each group's tiles are
-    split into calls of 4, 2 and 1 tiles, which must stay inside the group's blocks."""
+    """A state budget under one slot: each head's slots split into parts, a group each (later groups'
+    kv heads start past block 0), and each group's tiles split into calls of 4, 2 and 1 tiles, which
+    must stay inside the group's blocks."""
     from moba_megatron.ops.moba import routing
 
     monkeypatch.setitem(BACKENDS, "padded_torch", PaddedTorch(4))

@@ -7,8 +7,9 @@ kernels that stream over a block's keys through TMA descriptors.
 
 Rows come sorted into *runs* (``routing.Routes``): the rows of one run attend one key block of one
 kv head. A row id ``r`` names its cell and slot, ``cell = r // slots`` with ``cell = t * heads + h``
-(token t, head h of the row view). Nothing here waits for the host: run bounds live on the device,
-and a forward program finds its run by binary search over the runs' tile counts.
+(token t, head h of the row view: query head ``h // parts``, see ``routing``). Nothing here waits
+for the host: run bounds live on the device, and a forward program finds its run by binary search
+over the runs' tile counts.
 
 - forward: one program per tile of up to ``BM`` rows of a run, against the block's keys; it writes
   the rows' partial output and LSE at their cells' places in the head group's merge grid.
@@ -102,7 +103,7 @@ def _tile_of_run(tile_ends, run_start, order, r, run, p, BM: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_start,
-                    stride_qt, stride_qh, run0, nruns, heads, h0, nh, slots, nb, per_kv,
+                    stride_qt, stride_qh, run0, nruns, heads, parts, h0, nh, slots, nb, per_kv,
                     scale_log2, CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     p = tl.program_id(0)
     r = _find_run(tile_ends, nruns, p)
@@ -111,7 +112,8 @@ def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_
         rid, mask = _tile_of_run(tile_ends, run_start, order, r, run, p, BM)
         t, h, s = _row_place(rid, slots, heads)
         d = tl.arange(0, D)
-        q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=mask[:, None], other=0.0)
+        q = tl.load(Q + t[:, None] * stride_qt + (h // parts)[:, None] * stride_qh + d[None, :], mask=mask[:, None],
+                    other=0.0)
         col = (run // per_kv) * D  # the kv head's columns of K, V viewed as [Tk, Hkv * D]
         key0 = tl.load(block_start + run % nb).to(tl.int32)
         m = tl.full([BM], float("-inf"), tl.float32)
@@ -135,7 +137,7 @@ def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_
 @triton.jit
 def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, block_start,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
-                     num_tokens, heads, slots, nb, subgroups, scale, scale_log2,
+                     num_tokens, heads, parts, slots, nb, subgroups, scale, scale_log2,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_DQ: tl.constexpr):
     """dK and dV of ``BN`` keys of one block of one kv head, over every row that chose the block;
     with ``WITH_DQ`` also the rows' dq against these keys (added with atomics)."""
@@ -164,6 +166,7 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
                 mask = row0 + offs < end
                 rid = tl.load(order + row0 + offs, mask=mask, other=0)
                 t, h, _ = _row_place(rid, slots, heads)
+                h = h // parts
                 src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
                 q = tl.load(Q + src, mask=mask[:, None], other=0.0)
                 do = tl.load(DO + src, mask=mask[:, None], other=0.0)
@@ -186,7 +189,7 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
 @triton.jit
 def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start, tile_ends, block_start,
                         stride_qt, stride_qh, stride_dqt, stride_dqh,
-                        nruns, num_tokens, heads, slots, nb, per_kv, scale, scale_log2,
+                        nruns, num_tokens, heads, parts, slots, nb, per_kv, scale, scale_log2,
                         CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of a tile of up to ``BM`` rows of one run against its whole block (the backward of
     blocks too large for one program's keys): one atomic add per row element."""
@@ -195,6 +198,7 @@ def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start,
     if run < nruns:
         rid, mask = _tile_of_run(tile_ends, run_start, order, run, run, p, BM)
         t, h, _ = _row_place(rid, slots, heads)
+        h = h // parts
         d = tl.arange(0, D)
         src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
         q = tl.load(Q + src, mask=mask[:, None], other=0.0)
@@ -228,14 +232,14 @@ def _row_dot_kernel(A, B, OUT, cells, heads, num_tokens, stride_t, stride_h, D: 
 
 
 @triton.jit
-def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
+def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, parts, slots,
                   D: tl.constexpr, BR: tl.constexpr):
     """In place: each (token, head) cell's own-block out/LSE merged with its slots' partials.
     Offsets are int64: a grid of all heads (context parallelism's routed exchange) passes 2^31."""
     cells = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     mask = cells < T * nh
     t = cells // nh
-    h = h0 + cells % nh
+    h = (h0 + cells % nh) // parts
     d = tl.arange(0, D)
     out_ptr = OUT + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
     m = tl.load(LSE + h * T + t, mask=mask, other=0.0)  # the own block is never empty
@@ -259,7 +263,7 @@ def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, slots,
 
 @triton.jit
 def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, SRC, order, tile_row0, tile_rows, width, T, stride_t, stride_h,
-                   heads, slots, h0, nh, code, D: tl.constexpr, BR: tl.constexpr):
+                   heads, parts, slots, h0, nh, code, D: tl.constexpr, BR: tl.constexpr):
     """Kernel rows ``[first, first + BR)`` of a call of tiles padded to ``width`` rows (``BR`` divides
     it, so they lie in one tile): row i is sorted row ``tile_row0 + i % width`` of its tile or, past
     the tile's rows (padding), the tile's last row again, with a zero dO. Each real row also leaves
@@ -273,12 +277,13 @@ def _gather_kernel(Q, DO, O, LSE, QR, DOR, OR, LR, SRC, order, tile_row0, tile_r
     t, h, s = _row_place(rid, slots, heads)
     rows = first + tl.arange(0, BR)
     d = tl.arange(0, D)
-    src = t[:, None] * stride_t + h[:, None] * stride_h + d[None, :]
+    hr = h // parts
+    src = t[:, None] * stride_t + hr[:, None] * stride_h + d[None, :]
     dst = rows[:, None] * D + d[None, :]
     tl.store(QR + dst, tl.load(Q + src))
     tl.store(OR + dst, tl.load(O + src))
     tl.store(DOR + dst, tl.load(DO + src, mask=real[:, None], other=0.0))
-    tl.store(LR + rows, tl.load(LSE + h * T + t))
+    tl.store(LR + rows, tl.load(LSE + hr * T + t))
     tl.store(SRC + (t * nh + h - h0) * slots + s, code + rows, mask=real)
 
 
@@ -380,8 +385,8 @@ def key_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
 def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float):
     """Partial output and LSE of every row of head group ``grp`` (``routing.HeadGroup``), in merge-grid
     layout: ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare).
-    Where a slot is unused its LSE is -inf and its output row uninitialised. ``q [T, heads, D]`` is
-    the rows' view (``routes.heads``)."""
+    Where a slot is unused its LSE is -inf and its output row uninitialised. ``q [T, Hq, D]``: the
+    real heads of the row view's ``routes.heads`` (``routes.parts`` a head)."""
     t, _, d = q.shape
     nh, slots = grp.h1 - grp.h0, routes.slots
     out = q.new_empty(t * nh * slots + 1, d)  # only the rows' places are written: read them by LSE
@@ -394,6 +399,7 @@ def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float)
         grp.run0,
         nruns,
         routes.heads,
+        routes.parts,
         grp.h0,
         nh,
         slots,
@@ -454,7 +460,8 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         bn = math.gcd(bn, chunk)
         _backward_kernel[(hkv * nb, chunk // bn)](
             q, k, v, dout, lse, delta, dq, dk, dv, routes.order, routes.run_start, block_starts,
-            *common, dk.stride(0), dk.stride(1), t, heads, routes.slots, nb, routes.subgroups, scale, scale * _LOG2E,
+            *common, dk.stride(0), dk.stride(1), t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups,
+            scale, scale * _LOG2E,
             D=d, BM=bm, BN=bn, WITH_DQ=with_dq, num_warps=warps, num_stages=stages,
         )
 
@@ -471,20 +478,23 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         _backward_dq_kernel[(programs,)](
             q, *key_descriptors(k, v, bn), dout, lse, delta, dq, routes.order, routes.run_start, tile_ends,
             block_starts, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
-            routes.num_runs, t, heads, routes.slots, nb, routes.subgroups * nb, scale, scale * _LOG2E,
+            routes.num_runs, t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups * nb, scale,
+            scale * _LOG2E,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )
 
     _launch(("backward_dq", q.device, q.dtype, d, chunk), BACKWARD_DQ_CONFIGS, launch_dq)
 
 
-def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int) -> None:
-    """``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) of heads ``[h0, h0 + nh)`` merged in place
-    with the grid ``routed_forward`` filled."""
+def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, parts: int = 1) -> None:
+    """``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) of heads ``[h0, h0 + nh)`` of the row view
+    (real head ``h // parts``) merged in place with the grid ``routed_forward`` filled."""
+    assert parts == 1 or nh == 1, "a head's parts merge one after the other"
     t, _, d = out.shape
     assert lse.is_contiguous() and out.stride(2) == 1
     _merge_kernel[(triton.cdiv(t * nh, MERGE_ROWS),)](
-        out, lse, grid_out, grid_lse, t, out.stride(0), out.stride(1), nh, h0, slots, D=d, BR=MERGE_ROWS, num_warps=4,
+        out, lse, grid_out, grid_lse, t, out.stride(0), out.stride(1), nh, h0, parts, slots, D=d, BR=MERGE_ROWS,
+        num_warps=4,
     )
 
 
@@ -524,7 +534,7 @@ def gather_tile_rows(dout, q, out, lse, routes, piece, grp, sources, index: int)
     br = min(GATHER_ROWS, piece.width & -piece.width)  # a power of two dividing the width
     _gather_kernel[(n // br,)](
         q, dout, out, lse, q_rows, dout_rows, out_rows, lse_rows, sources, routes.order, piece.tile_row0,
-        piece.tile_rows, piece.width, t, q.stride(0), q.stride(1), routes.heads, routes.slots, grp.h0,
+        piece.tile_rows, piece.width, t, q.stride(0), q.stride(1), routes.heads, routes.parts, routes.slots, grp.h0,
         grp.h1 - grp.h0, index << 40, D=d, BR=br, num_warps=4,
     )
     return dout_rows, q_rows, out_rows, lse_rows

@@ -107,11 +107,13 @@ def _fold_into(dst: torch.Tensor, parts: torch.Tensor) -> None:
 
 
 def _cells(routes: Routes, rid: torch.Tensor):
-    """Cell (``t * heads + h``), head-major cell (``h * T + t``) and slot of rows ``rid``, as int64."""
+    """Of rows ``rid``, as int64: the query cell (``t * Hq + h`` of the real heads), the head-major cell
+    (``h * T + t``), and the slot, token and (virtual) head of the row view."""
     rid = rid.long()
     cell = rid // routes.slots
-    t, h = cell // routes.heads, cell % routes.heads
-    return cell, h * routes.num_tokens + t, rid % routes.slots, t, h
+    t, vh = cell // routes.heads, cell % routes.heads
+    h = vh // routes.parts
+    return t * (routes.heads // routes.parts) + h, h * routes.num_tokens + t, rid % routes.slots, t, vh
 
 
 def _grid_places(routes: Routes, grp: HeadGroup, tok, head, slot, valid):
@@ -147,15 +149,17 @@ def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, bac
     return grid_out, grid_lse
 
 
-def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: bool) -> None:
-    """In place: heads ``[h0, h0 + nh)`` of ``out [T, Hq, D]``, ``lse [Hq, T]`` merged with a grid of
-    ``[T, nh, slots]`` partials."""
+def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: bool, parts: int = 1) -> None:
+    """In place: heads ``[h0, h0 + nh)`` of the row view (real head ``h // parts``; a part of one head
+    where ``parts > 1``) of ``out [T, Hq, D]``, ``lse [Hq, T]`` merged with a grid of ``[T, nh, slots]``
+    partials."""
     if fused:
         from .fused_routes import merge_into
 
-        merge_into(out, lse, h0, nh, grid_out, grid_lse, slots)
+        merge_into(out, lse, h0, nh, grid_out, grid_lse, slots, parts)
     else:
-        heads = slice(h0, h0 + nh)
+        assert parts == 1 or nh == 1, "a head's parts merge one after the other"
+        heads = slice(h0 // parts, h0 // parts + nh)
         out[:, heads], lse[heads] = merge_partials(out[:, heads], lse[heads], grid_out, grid_lse)
 
 
@@ -163,7 +167,7 @@ def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend,
     """Merges the routed partials into ``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) in place."""
     for grp in routes.groups:
         grid_out, grid_lse = attend(q, routes, grp, keys, scale, backend, kernels)
-        merge(out, lse, grp.h0, grp.h1 - grp.h0, grid_out, grid_lse, routes.slots, kernels.fused)
+        merge(out, lse, grp.h0, grp.h1 - grp.h0, grid_out, grid_lse, routes.slots, kernels.fused, routes.parts)
         del grid_out, grid_lse
 
 
@@ -244,12 +248,12 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
                     acc.view(-1, d).index_add_(0, at, g.reshape(-1, d).float())
             del dq_r, dk_r, dv_r, dout_rows, q_rows, out_rows, lse_rows, k_tiles, v_tiles
         if kernels.fused:
-            fold_rows(dq[:, grp.h0 : grp.h1], sources, dq_parts)
+            fold_rows(dq[:, routes.real_heads(grp)], sources, dq_parts)
             key_dst = (dk, dv, 0) if direct else (dkv[0], dkv[1], kv0)
             fold_key_tiles(*key_dst, key_parts, [p.key_blocks for p in pieces], layout.block_starts_dev, layout.chunk)
             del sources, dq_parts, key_parts
         else:
-            fold_into(dq[:, grp.h0 : grp.h1], grid_dq[:-1].view(t, nh, slots, d))
+            fold_into(dq[:, routes.real_heads(grp)], grid_dq[:-1].view(t, nh, slots, d))
             del grid_dq
         if dkv is not None and grp.run1 % per_kv == 0:  # the kv heads' last runs are done
             fold_into(dk[:, kv0:kv1], dkv[0].unsqueeze(2))

@@ -9,7 +9,10 @@ bounds the runs; the Triton kernels (fused_routes.py) launch from that alone.
 
 Heads are processed in groups so the per-slot merge state stays bounded (``head_groups``). When one
 kv head's query heads must be split, each part gets runs of its own (a *subgroup*), so every head
-group's rows are one contiguous span of the sorted rows.
+group's rows are one contiguous span of the sorted rows. When even one head's state is over the
+budget (many slots at long lengths), its slots are split into ``parts``, each routed as a head of its
+own (a *virtual head* ``h * parts + p`` holding slots ``[p * width, (p + 1) * width)`` of head h),
+one virtual head a group: the merge is a log-sum-exp, so a head's parts merge one after the other.
 
 For the backends whose kernels take tiles (``pieces``): runs are cut into *tiles*, each attending one
 full block of C keys, and tiles are packed into *pieces*, one kernel call each, sized to a memory
@@ -79,15 +82,17 @@ def run_id_dtype(num_runs: int) -> torch.dtype:
 
 
 class Routes:
-    """Rows sorted into runs. ``order [rows]``: the row id at each sorted place, the runs' rows first
+    """Rows sorted into runs. ``heads`` counts the row view's heads, virtual where a head's slots are
+    split into ``parts`` (the real head of virtual head h is ``h // parts``).
+    ``order [rows]``: the row id at each sorted place, the runs' rows first
     (unused slots after them), int32 where every row id fits (the kernels divide them: int64 division
     is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]`` int64 on the
     device: where each run begins. Run ``((kv_head * subgroups) + sub) * num_blocks + block``.
     ``keys [rows]``: each row's run (``num_runs`` for unused slots), as ``run_id_dtype``."""
 
     def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
-                 subgroups: int, num_blocks: int, groups: list[HeadGroup]):
-        self.num_tokens, self.heads, self.slots = num_tokens, heads, slots
+                 subgroups: int, num_blocks: int, groups: list[HeadGroup], parts: int = 1):
+        self.num_tokens, self.heads, self.slots, self.parts = num_tokens, heads, slots, parts
         self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
         self.num_runs = kv_heads * subgroups * num_blocks
         sorted_keys, order = torch.sort(keys.to(run_id_dtype(self.num_runs)), stable=True)
@@ -122,6 +127,10 @@ class Routes:
         """Rows in runs (reads the run bounds on the host)."""
         return self.host_run_start()[-1]
 
+    def real_heads(self, grp: HeadGroup) -> slice:
+        """The query heads head group ``grp`` holds (part of one, where slots are split)."""
+        return slice(grp.h0 // self.parts, (grp.h1 - 1) // self.parts + 1)
+
     def run_key_block(self, run: int) -> int:
         """``kv_head * num_blocks + block`` of a run: the tile of keys it attends."""
         kvh, rest = divmod(run, self.subgroups * self.num_blocks)
@@ -155,12 +164,30 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
     return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
 
 
+def slot_parts(num_tokens: int, slots: int, head_dim: int) -> int:
+    """Into how many parts one head's slots are split so each part's state fits the budget."""
+    state = num_tokens * slots * head_dim
+    if state <= STATE_BUDGET_ELEMENTS:
+        return 1
+    width = max(1, STATE_BUDGET_ELEMENTS // (num_tokens * head_dim))
+    return -(-slots // width)
+
+
 def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_dim: int) -> Routes:
     """``sel [T, Hq, slots]`` block ids (-1: unused slot) -> the rows sorted into runs, in head
     groups sized to the state budget. Nothing is read on the host."""
     t, hq, slots = sel.shape
+    parts = slot_parts(t, slots, head_dim)
+    if parts > 1:  # virtual heads of ``width`` slots each, the last padded with unused slots
+        width = -(-slots // parts)
+        if parts * width > slots:
+            sel = torch.nn.functional.pad(sel, (0, parts * width - slots), value=-1)
+        t, hq, slots = t, hq * parts, width
+        sel = sel.view(t, hq, slots)
+        ranges = [(h, h + 1) for h in range(hq)]
+    else:
+        ranges = head_groups(hq, hq // num_kv_heads, t * slots * head_dim)
     group = hq // num_kv_heads
-    ranges = head_groups(hq, group, t * slots * head_dim)
     per = ranges[0][1] - ranges[0][0]
     subgroups = group // per if per < group else 1
     heads = torch.arange(hq)
@@ -175,7 +202,7 @@ def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_
     keys.masked_fill_(sel < 0, nruns)
     del sel  # the caller's reference goes with the call (route_selection(select_blocks(...)))
     return Routes(keys.view(-1), num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
-                  num_blocks=num_blocks, groups=groups)
+                  num_blocks=num_blocks, groups=groups, parts=parts)
 
 
 def route_rows(keys: torch.Tensor, num_kv_heads: int, num_blocks: int) -> Routes:
