@@ -92,7 +92,7 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
             if mode == "allgather":
                 ctx.routes = route_selection(
-                    shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2]
+                    shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2], chunk
                 )
                 del sel
                 if not (kernels.fused and kernels.fused_backward):

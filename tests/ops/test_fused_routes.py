@@ -78,6 +78,7 @@ def test_head_groups_and_slot_parts(monkeypatch, topk, budget):
     from moba_megatron.ops.moba import routing
 
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
+    monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
     check([192, 64], 32, topk, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
 
 

@@ -23,13 +23,14 @@ def decode(routes: routing.Routes, nb: int):
 @pytest.mark.parametrize("budget,parts", [(10**9, 1), (40 * 5 * 8, 1), (40 * 5 * 8 - 1, 2), (40 * 2 * 8, 3), (1, 5)])
 def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts):
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
+    monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
     t, hq, hkv, slots, nb, d = 40, 4, 2, 5, 9, 8
     g = torch.Generator().manual_seed(0)
     sel = torch.randint(0, nb, (t, hq, slots), generator=g, dtype=torch.int32)
     sel[torch.rand(t, hq, slots, generator=g) < 0.3] = -1  # unused slots
     expected = sorted((tt, h, s, int(sel[tt, h, s])) for tt in range(t) for h in range(hq) for s in range(slots)
                       if sel[tt, h, s] >= 0)
-    routes = routing.route_selection(sel.clone(), nb, hkv, d)
+    routes = routing.route_selection(sel.clone(), nb, hkv, d, 16)
     assert routes.parts == parts and routes.heads == hq * parts
     assert routes.order.dtype == torch.int32
     found = decode(routes, nb)
@@ -48,7 +49,8 @@ def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts):
 
 def test_slot_parts_fit_the_budget(monkeypatch):
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1000)
-    assert routing.slot_parts(10, 10, 10) == 1  # exactly the budget
-    assert routing.slot_parts(10, 11, 10) == 2
-    assert routing.slot_parts(10, 95, 10) == 10
-    assert routing.slot_parts(1000, 3, 10) == 3  # not one slot fits: a part a slot
+    assert routing.slot_parts(10, 10, 10, 512) == 1  # exactly the budget
+    assert routing.slot_parts(10, 11, 10, 512) == 2
+    assert routing.slot_parts(10, 95, 10, 512) == 10
+    assert routing.slot_parts(1000, 3, 10, 512) == 3  # not one slot fits: a part a slot
+    assert routing.slot_parts(10, 95, 10, 256) == 1  # small blocks: one part (SLOT_PARTS_ABOVE_CHUNK)

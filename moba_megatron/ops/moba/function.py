@@ -37,7 +37,7 @@ class MoBAFunction(torch.autograd.Function):
             # The selection goes straight into the routing, which lets it go before its sort.
             routes = route_selection(select_blocks(q, block_key_sums(k, layout), layout, slots,
                                                    fused=backend.triton_routes),
-                                     layout.num_blocks, k.shape[1], q.shape[-1])
+                                     layout.num_blocks, k.shape[1], q.shape[-1], layout.chunk)
             if not (kernels.fused and kernels.fused_backward):
                 routes.start_host_copy()  # the tile calls need the run sizes on the host
         out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)

@@ -33,6 +33,10 @@ KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times f
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs (launch, setup), in row x key products
 MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
+# Slots are split into parts only for blocks above this: the Triton backward of smaller blocks walks
+# a block's runs of every part in one program and ran 3.7x slower with 24 parts than with one (H100,
+# 128K / 128 / 384); blocks of 512 and 1024 keys ran faster with parts (benchmarks/RESULTS.md).
+SLOT_PARTS_ABOVE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -164,20 +168,21 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
     return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
 
 
-def slot_parts(num_tokens: int, slots: int, head_dim: int) -> int:
-    """Into how many parts one head's slots are split so each part's state fits the budget."""
+def slot_parts(num_tokens: int, slots: int, head_dim: int, chunk: int) -> int:
+    """Into how many parts one head's slots are split so each part's state fits the budget (blocks of
+    ``chunk`` keys above ``SLOT_PARTS_ABOVE_CHUNK``; else one)."""
     state = num_tokens * slots * head_dim
-    if state <= STATE_BUDGET_ELEMENTS:
+    if state <= STATE_BUDGET_ELEMENTS or chunk <= SLOT_PARTS_ABOVE_CHUNK:
         return 1
     width = max(1, STATE_BUDGET_ELEMENTS // (num_tokens * head_dim))
     return -(-slots // width)
 
 
-def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_dim: int) -> Routes:
-    """``sel [T, Hq, slots]`` block ids (-1: unused slot) -> the rows sorted into runs, in head
-    groups sized to the state budget. Nothing is read on the host."""
+def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_dim: int, chunk: int) -> Routes:
+    """``sel [T, Hq, slots]`` block ids (-1: unused slot) of blocks of ``chunk`` keys -> the rows sorted
+    into runs, in head groups sized to the state budget. Nothing is read on the host."""
     t, hq, slots = sel.shape
-    parts = slot_parts(t, slots, head_dim)
+    parts = slot_parts(t, slots, head_dim, chunk)
     if parts > 1:  # virtual heads of ``width`` slots each, the last padded with unused slots
         width = -(-slots // parts)
         if parts * width > slots:
