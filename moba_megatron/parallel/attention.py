@@ -89,15 +89,17 @@ class MoBAContextParallelFunction(torch.autograd.Function):
         if slots > 0:  # gate first: the own-block call below then hides the waits (K/V gathers)
             sums = gather_block_sums(block_key_sums(k, shard.local), shard, group)
             sent = sums.numel() // cp * sums.element_size() * (cp - 1)
-            sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
             if mode == "allgather":
+                # The selection goes straight into the routing, which lets it go before its sort.
                 ctx.routes = route_selection(
-                    shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2], chunk
+                    shard.gathered_blocks(select_blocks(q, sums, shard, slots, fused=backend.triton_routes)),
+                    shard.gathered.num_blocks, k.shape[1], q.shape[2], chunk,
                 )
-                del sel
                 if not (kernels.fused and kernels.fused_backward):
                     ctx.routes.start_host_copy()
                 gathering = _GatheredKeys(k, v, shard, group)
+            else:
+                sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
         out, lse = backend.forward(q, k, v, cu, cu, chunk, chunk, True, scale)
         if slots > 0:
             if mode == "allgather":
