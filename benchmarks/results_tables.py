@@ -92,13 +92,18 @@ def small_blocks() -> list[str]:
 
 
 def _blocks(run: dict) -> str:
-    """MoBA's block / top-k of a training run: its flags, else its config's."""
+    """MoBA's block / top-k of a training run: its flags (bench_train's own, else the last of those passed
+    through to the job after ``--``), else its config's."""
     import yaml
 
     config = yaml.safe_load((HERE.parent / run["config"]).read_text())
-    chunk = run.get("moba_chunk_size") or config["moba_chunk_size"]
-    topk = run.get("moba_topk") or config["moba_topk"]
-    return f"{chunk} / {topk}"
+    extra = run.get("extra", [])
+
+    def flag(name: str):
+        given = [extra[i + 1] for i, x in enumerate(extra[:-1]) if x == f"--{name.replace('_', '-')}"]
+        return run.get(name) or (int(given[-1]) if given else config[name])
+
+    return f"{flag('moba_chunk_size')} / {flag('moba_topk')}"
 
 
 def training_step() -> list[str]:
