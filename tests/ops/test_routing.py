@@ -16,7 +16,7 @@ def decode(routes: routing.Routes, nb: int):
             cell, vslot = divmod(rid, routes.slots)
             t, vh = divmod(cell, routes.heads)
             h, part = divmod(vh, routes.parts)
-            found.append((t, h, part * routes.slots + vslot, run % nb, run))
+            found.append((t, h, part * routes.slots + vslot, routes.run_key_block(run) % nb, run))
     return found
 
 
@@ -42,7 +42,7 @@ def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts):
         assert [(g.h0, g.h1) for g in routes.groups] == [(v, v + 1) for v in range(hq * parts)]
     for grp in routes.groups:
         assert routes.real_heads(grp).stop - routes.real_heads(grp).start == max(1, (grp.h1 - grp.h0) // parts)
-        rows = [f for f in found if grp.run0 <= f[4] < grp.run1]
+        rows = [f for f in found if f[4] in grp.runs()]
         heads = {f[1] * parts + f[2] // routes.slots for f in rows}
         assert heads <= set(range(grp.h0, grp.h1))
 

@@ -103,19 +103,20 @@ def _tile_of_run(tile_ends, run_start, order, r, run, p, BM: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_start,
-                    stride_qt, stride_qh, run0, nruns, heads, parts, h0, nh, slots, nb, per_kv,
+                    stride_qt, stride_qh, run0, run_step, nruns, heads, parts, h0, nh, slots, nb, subgroups,
                     scale_log2, CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     p = tl.program_id(0)
     r = _find_run(tile_ends, nruns, p)
     if r < nruns:
-        run = run0 + r
+        run = run0 + r * run_step
         rid, mask = _tile_of_run(tile_ends, run_start, order, r, run, p, BM)
         t, h, s = _row_place(rid, slots, heads)
         d = tl.arange(0, D)
         q = tl.load(Q + t[:, None] * stride_qt + (h // parts)[:, None] * stride_qh + d[None, :], mask=mask[:, None],
                     other=0.0)
-        col = (run // per_kv) * D  # the kv head's columns of K, V viewed as [Tk, Hkv * D]
-        key0 = tl.load(block_start + run % nb).to(tl.int32)
+        key_block = run // subgroups  # kv_head * nb + block
+        col = (key_block // nb) * D  # the kv head's columns of K, V viewed as [Tk, Hkv * D]
+        key0 = tl.load(block_start + key_block % nb).to(tl.int32)
         m = tl.full([BM], float("-inf"), tl.float32)
         l = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -146,12 +147,10 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
     hkv = tl.num_programs(0) // nb
     kvh = tl.program_id(0) % hkv
     block = tl.program_id(0) // hkv
-    first_run = kvh * subgroups * nb + block
-    rows = tl.full([], 0, tl.int64)
-    for sub in range(subgroups):
-        run = first_run + sub * nb
-        rows += tl.load(run_start + run + 1) - tl.load(run_start + run)
-    if rows > 0:  # blocks nobody chose (partial last blocks among them) are left alone
+    first_run = (kvh * nb + block) * subgroups  # the block's runs are adjacent: one span of rows
+    start = tl.load(run_start + first_run)
+    end = tl.load(run_start + first_run + subgroups)
+    if end > start:  # blocks nobody chose (partial last blocks among them) are left alone
         d = tl.arange(0, D)
         keys = tl.load(block_start + block) + tl.program_id(1) * BN + tl.arange(0, BN)
         k = tl.load(K + keys[:, None] * stride_kt + kvh * stride_kh + d[None, :])
@@ -159,28 +158,25 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         offs = tl.arange(0, BM)
-        for sub in range(subgroups):
-            run = first_run + sub * nb
-            end = tl.load(run_start + run + 1)
-            for row0 in range(tl.load(run_start + run), end, BM):
-                mask = row0 + offs < end
-                rid = tl.load(order + row0 + offs, mask=mask, other=0)
-                t, h, _ = _row_place(rid, slots, heads)
-                h = h // parts
-                src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
-                q = tl.load(Q + src, mask=mask[:, None], other=0.0)
-                do = tl.load(DO + src, mask=mask[:, None], other=0.0)
-                lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
-                delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
-                prob = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None] * 1.4426950408889634)
-                prob = tl.where(mask[:, None], prob, 0.0)
-                dv += tl.dot(tl.trans(prob.to(do.dtype)), do)
-                ds = prob * (tl.dot(do, tl.trans(v)) - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-                if WITH_DQ:
-                    dq = tl.dot(ds.to(k.dtype), k) * scale
-                    tl.atomic_add(DQ + t[:, None] * stride_dqt + h[:, None] * stride_dqh + d[None, :], dq,
-                                  mask=mask[:, None], sem="relaxed")
+        for row0 in range(start, end, BM):
+            mask = row0 + offs < end
+            rid = tl.load(order + row0 + offs, mask=mask, other=0)
+            t, h, _ = _row_place(rid, slots, heads)
+            h = h // parts
+            src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
+            q = tl.load(Q + src, mask=mask[:, None], other=0.0)
+            do = tl.load(DO + src, mask=mask[:, None], other=0.0)
+            lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
+            delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
+            prob = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None] * 1.4426950408889634)
+            prob = tl.where(mask[:, None], prob, 0.0)
+            dv += tl.dot(tl.trans(prob.to(do.dtype)), do)
+            ds = prob * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if WITH_DQ:
+                dq = tl.dot(ds.to(k.dtype), k) * scale
+                tl.atomic_add(DQ + t[:, None] * stride_dqt + h[:, None] * stride_dqh + d[None, :], dq,
+                              mask=mask[:, None], sem="relaxed")
         dst = keys[:, None] * stride_dkt + kvh * stride_dkh + d[None, :]
         tl.store(DK + dst, (tl.load(DK + dst).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
         tl.store(DV + dst, (tl.load(DV + dst).to(tl.float32) + dv).to(DV.dtype.element_ty))
@@ -189,7 +185,7 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
 @triton.jit
 def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start, tile_ends, block_start,
                         stride_qt, stride_qh, stride_dqt, stride_dqh,
-                        nruns, num_tokens, heads, parts, slots, nb, per_kv, scale, scale_log2,
+                        nruns, num_tokens, heads, parts, slots, nb, subgroups, scale, scale_log2,
                         CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of a tile of up to ``BM`` rows of one run against its whole block (the backward of
     blocks too large for one program's keys): one atomic add per row element."""
@@ -205,8 +201,9 @@ def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start,
         do = tl.load(DO + src, mask=mask[:, None], other=0.0)
         lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
         delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
-        col = (run // per_kv) * D
-        key0 = tl.load(block_start + run % nb).to(tl.int32)
+        key_block = run // subgroups  # kv_head * nb + block
+        col = (key_block // nb) * D
+        key0 = tl.load(block_start + key_block % nb).to(tl.int32)
         dq = tl.zeros([BM, D], tl.float32)
         for n0 in range(0, CHUNK, BN):
             k = K_DESC.load([key0 + n0, col])
@@ -391,22 +388,13 @@ def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float)
     nh, slots = grp.h1 - grp.h0, routes.slots
     out = q.new_empty(t * nh * slots + 1, d)  # only the rows' places are written: read them by LSE
     lse = torch.full((out.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
-    nruns = grp.run1 - grp.run0
+    nruns, step, run0 = grp.num_runs, grp.run_step, grp.run0
     if nruns == 0 or routes.order.numel() == 0:
         return out, lse
-    counts = routes.run_start[grp.run0 + 1 : grp.run1 + 1] - routes.run_start[grp.run0 : grp.run1]
-    scalars = (
-        grp.run0,
-        nruns,
-        routes.heads,
-        routes.parts,
-        grp.h0,
-        nh,
-        slots,
-        routes.num_blocks,
-        routes.subgroups * routes.num_blocks,
-        scale * _LOG2E,
-    )
+    end = run0 + nruns * step
+    counts = routes.run_start[run0 + 1 : end + 1 : step] - routes.run_start[run0:end:step]
+    scalars = (run0, step, nruns, routes.heads, routes.parts, grp.h0, nh, slots, routes.num_blocks, routes.subgroups,
+               scale * _LOG2E)
 
     def launch(config):
         bm, bn, warps, stages = config
@@ -478,7 +466,7 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         _backward_dq_kernel[(programs,)](
             q, *key_descriptors(k, v, bn), dout, lse, delta, dq, routes.order, routes.run_start, tile_ends,
             block_starts, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
-            routes.num_runs, t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups * nb, scale,
+            routes.num_runs, t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups, scale,
             scale * _LOG2E,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )

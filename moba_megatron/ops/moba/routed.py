@@ -193,7 +193,6 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         routed_backward(dout, q, keys.k, keys.v, out, lse, routes, layout.block_starts_dev, layout.chunk, scale,
                         dq, dk, dv)
         return
-    per_kv = routes.subgroups * layout.num_blocks
     if kernels.fused:
         from .fused_routes import fold_into, fold_key_tiles, fold_rows, gather_key_tiles, gather_tile_rows, row_sources
     else:
@@ -202,12 +201,12 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
     t, slots = q.shape[0], routes.slots
     dkv, kv0 = None, 0  # fp32 token-major dK, dV of kv heads [kv0, ...) until they are complete
     for grp, pieces in zip(routes.groups, routes.pieces(kernels.tile_width, layout.chunk, d)):
-        kv1 = -(-grp.run1 // per_kv)
+        first_kv, kv1, starts, completes = routes.kv_heads_of(grp)
         # The Triton path sums a head group's key tiles straight into dk, dv where the group holds every
         # run of its kv heads; else into fp32 accumulators until the kv heads' last group.
-        direct = kernels.fused and dkv is None and grp.run0 % per_kv == 0 and grp.run1 % per_kv == 0
+        direct = kernels.fused and dkv is None and starts and completes
         if dkv is None and not direct:
-            kv0 = grp.run0 // per_kv
+            kv0 = first_kv
             dkv = torch.zeros(2, layout.num_tokens, kv1 - kv0, d, dtype=torch.float32, device=q.device)
         # Each row's dq is summed into dq once its head group is done, in fp32 (no fp32 atomics into a
         # [T, heads, D] accumulator, which contend and must be zero-filled). The Triton path reads
@@ -255,7 +254,7 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         else:
             fold_into(dq[:, routes.real_heads(grp)], grid_dq[:-1].view(t, nh, slots, d))
             del grid_dq
-        if dkv is not None and grp.run1 % per_kv == 0:  # the kv heads' last runs are done
+        if dkv is not None and completes:  # the kv heads' last runs are done
             fold_into(dk[:, kv0:kv1], dkv[0].unsqueeze(2))
             fold_into(dv[:, kv0:kv1], dkv[1].unsqueeze(2))
             dkv = None

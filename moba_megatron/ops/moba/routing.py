@@ -4,12 +4,13 @@ Every selection (cell, slot) is a *row*, numbered ``r = cell * slots + slot``; a
 ``t * heads + h`` of a ``[T, heads]`` grid of queries (one device: every query head; context
 parallelism's routed exchange: the received rows as ``T`` cells of one head and one slot). Rows are
 sorted into *runs*, one per (kv head, head subgroup, key block), so the rows that attend one block
-of one kv head are consecutive. One sort on the device does it, and ``run_start`` (on the device)
+of one kv head are consecutive, and the runs of one block of one kv head are adjacent (``run_start``
+bounds them all at once). One sort on the device does it, and ``run_start`` (on the device)
 bounds the runs; the Triton kernels (fused_routes.py) launch from that alone.
 
 Heads are processed in groups so the per-slot merge state stays bounded (``head_groups``). When one
-kv head's query heads must be split, each part gets runs of its own (a *subgroup*), so every head
-group's rows are one contiguous span of the sorted rows. When even one head's state is over the
+kv head's query heads must be split, each part gets runs of its own (a *subgroup*); a head group's
+runs are then every ``subgroups``-th run. When even one head's state is over the
 budget (many slots at long lengths), its slots are split into ``parts``, each routed as a head of its
 own (a *virtual head* ``h * parts + p`` holding slots ``[p * width, (p + 1) * width)`` of head h),
 one virtual head a group: the merge is a log-sum-exp, so a head's parts merge one after the other.
@@ -43,8 +44,12 @@ SLOT_PARTS_ABOVE_CHUNK = 256
 class HeadGroup:
     h0: int  # heads [h0, h1) of the row view
     h1: int
-    run0: int  # its runs [run0, run1)
-    run1: int
+    run0: int  # its runs: run0 + i * run_step for i < num_runs
+    num_runs: int
+    run_step: int
+
+    def runs(self) -> range:
+        return range(self.run0, self.run0 + self.num_runs * self.run_step, self.run_step)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class Routes:
     ``order [rows]``: the row id at each sorted place, the runs' rows first
     (unused slots after them), int32 where every row id fits (the kernels divide them: int64 division
     is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]`` int64 on the
-    device: where each run begins. Run ``((kv_head * subgroups) + sub) * num_blocks + block``.
+    device: where each run begins. Run ``(kv_head * num_blocks + block) * subgroups + sub``.
     ``keys [rows]``: each row's run (``num_runs`` for unused slots), as ``run_id_dtype``."""
 
     def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
@@ -137,8 +142,15 @@ class Routes:
 
     def run_key_block(self, run: int) -> int:
         """``kv_head * num_blocks + block`` of a run: the tile of keys it attends."""
-        kvh, rest = divmod(run, self.subgroups * self.num_blocks)
-        return kvh * self.num_blocks + rest % self.num_blocks
+        return run // self.subgroups
+
+    def kv_heads_of(self, grp: HeadGroup) -> tuple[int, int, bool, bool]:
+        """The kv heads ``[kv0, kv1)`` head group ``grp`` attends, whether it is their first group and
+        whether it is their last (their gradients are then complete)."""
+        per_kv = self.num_blocks * self.subgroups
+        last = grp.run0 + (grp.num_runs - 1) * grp.run_step
+        sub = grp.run0 % self.subgroups
+        return grp.run0 // per_kv, last // per_kv + 1, sub == 0, sub == self.subgroups - 1
 
     def pieces(self, tile_width: int | None, chunk: int, head_dim: int) -> list[list[Piece]]:
         """The kernel calls of each head group's runs (reads the run bounds on the host)."""
@@ -149,7 +161,7 @@ class Routes:
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else MODEL_SMS
             self._pieces[key] = [
                 pack_tiles(
-                    ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in range(g.run0, g.run1)),
+                    ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in g.runs()),
                     tile_width, chunk, head_dim, device, sms,
                 )
                 for g in self.groups
@@ -196,13 +208,17 @@ def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_
     per = ranges[0][1] - ranges[0][0]
     subgroups = group // per if per < group else 1
     heads = torch.arange(hq)
-    first_run = ((heads // group) * subgroups + (heads % group) // per % subgroups) * num_blocks
+    first_run = (heads // group) * num_blocks * subgroups + (heads % group) // per % subgroups  # block 0's run
     nruns = num_kv_heads * subgroups * num_blocks
-    groups = [HeadGroup(h0, h1, int(first_run[h0]), int(first_run[h1 - 1]) + num_blocks) for h0, h1 in ranges]
+    if subgroups == 1:  # groups of whole kv heads: their runs are consecutive
+        groups = [HeadGroup(h0, h1, int(first_run[h0]), (h1 - h0) // group * num_blocks, 1) for h0, h1 in ranges]
+    else:  # a group a subgroup of one kv head: every subgroups-th run
+        groups = [HeadGroup(h0, h1, int(first_run[h0]), num_blocks, subgroups) for h0, h1 in ranges]
     # The keys are built in the sort's narrow dtype, and ``sel`` let go before the sort: at many slots
     # these are the op's largest temporaries.
     narrow = run_id_dtype(nruns)
     keys = sel.to(narrow)
+    keys *= subgroups
     keys += first_run.to(sel.device, narrow, non_blocking=True).view(1, hq, 1)
     keys.masked_fill_(sel < 0, nruns)
     del sel  # the caller's reference goes with the call (route_selection(select_blocks(...)))
@@ -215,7 +231,7 @@ def route_rows(keys: torch.Tensor, num_kv_heads: int, num_blocks: int) -> Routes
     one slot, in one head group."""
     nruns = num_kv_heads * num_blocks
     return Routes(keys, num_tokens=keys.numel(), heads=1, slots=1, kv_heads=num_kv_heads, subgroups=1,
-                  num_blocks=num_blocks, groups=[HeadGroup(0, 1, 0, nruns)])
+                  num_blocks=num_blocks, groups=[HeadGroup(0, 1, 0, nruns, 1)])
 
 
 def padded_width(rows: int, tile_width: int) -> int:
