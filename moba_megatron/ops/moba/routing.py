@@ -97,7 +97,8 @@ class Routes:
     (unused slots after them), int32 where every row id fits (the kernels divide them: int64 division
     is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]`` int64 on the
     device: where each run begins. Run ``(kv_head * num_blocks + block) * subgroups + sub``.
-    ``keys [rows]``: each row's run (``num_runs`` for unused slots), as ``run_id_dtype``."""
+    ``keys [rows]``: each row's run (``num_runs`` for unused slots), any integer dtype; it is sorted as
+    ``run_id_dtype``."""
 
     def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
                  subgroups: int, num_blocks: int, groups: list[HeadGroup], parts: int = 1):
@@ -199,7 +200,7 @@ def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_
         width = -(-slots // parts)
         if parts * width > slots:
             sel = torch.nn.functional.pad(sel, (0, parts * width - slots), value=-1)
-        t, hq, slots = t, hq * parts, width
+        hq, slots = hq * parts, width
         sel = sel.view(t, hq, slots)
         ranges = [(h, h + 1) for h in range(hq)]
     else:
