@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.moba import routed
-from ..ops.moba.gating import block_key_sums, select_blocks
+from ..ops.moba.gating import block_key_sums, kv_head_selector, select_blocks
 from ..ops.moba.routing import route_rows, route_selection
 from ..ops.moba.validate import check_positive_int, check_qkv, check_scale
 from ..ops.varlen import get_backend
@@ -89,15 +89,18 @@ class MoBAContextParallelFunction(torch.autograd.Function):
         if slots > 0:  # gate first: the own-block call below then hides the waits (K/V gathers)
             sums = gather_block_sums(block_key_sums(k, shard.local), shard, group)
             sent = sums.numel() // cp * sums.element_size() * (cp - 1)
-            sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
             if mode == "allgather":
+                select = kv_head_selector(q, sums, shard, slots, fused=backend.triton_routes)
                 ctx.routes = route_selection(
-                    shard.gathered_blocks(sel), shard.gathered.num_blocks, k.shape[1], q.shape[2], chunk
+                    lambda kv0, kv1: shard.gathered_blocks(select(kv0, kv1)), num_tokens=q.shape[0],
+                    num_heads=q.shape[1], slots=slots, num_blocks=shard.gathered.num_blocks, num_kv_heads=k.shape[1],
+                    head_dim=q.shape[2], chunk=chunk, fused=backend.triton_routes,
                 )
-                del sel
                 if not (kernels.fused and kernels.fused_backward):
                     ctx.routes.start_host_copy()
                 gathering = _GatheredKeys(k, v, shard, group)
+            else:
+                sel = select_blocks(q, sums, shard, slots, fused=backend.triton_routes)
         out, lse = backend.forward(q, k, v, cu, cu, chunk, chunk, True, scale)
         if slots > 0:
             if mode == "allgather":

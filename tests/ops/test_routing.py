@@ -20,17 +20,37 @@ def decode(routes: routing.Routes, nb: int):
     return found
 
 
+def route(sel: torch.Tensor, nb: int, hkv: int, d: int) -> routing.Routes:
+    """``route_selection`` of a whole selection ``[T, Hq, slots]``, handed out kv heads at a time."""
+    t, hq, slots = sel.shape
+    group = hq // hkv
+    calls = []
+
+    def select(kv0, kv1):
+        calls.append((kv0, kv1))
+        return sel[:, kv0 * group : kv1 * group].clone()
+
+    routes = routing.route_selection(select, num_tokens=t, num_heads=hq, slots=slots, num_blocks=nb, num_kv_heads=hkv,
+                                     head_dim=d, chunk=16)
+    assert [kv for call in calls for kv in range(*call)] == list(range(hkv))  # each kv head once, in order
+    return routes
+
+
+@pytest.mark.parametrize("rows_a_call", [10**9, 1])
 @pytest.mark.parametrize("budget,parts", [(10**9, 1), (40 * 5 * 8, 1), (40 * 5 * 8 - 1, 2), (40 * 2 * 8, 3), (1, 5)])
-def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts):
+def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts, rows_a_call):
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
     monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
+    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", rows_a_call)  # 1: a kv head a call
     t, hq, hkv, slots, nb, d = 40, 4, 2, 5, 9, 8
     g = torch.Generator().manual_seed(0)
     sel = torch.randint(0, nb, (t, hq, slots), generator=g, dtype=torch.int32)
     sel[torch.rand(t, hq, slots, generator=g) < 0.3] = -1  # unused slots
     expected = sorted((tt, h, s, int(sel[tt, h, s])) for tt in range(t) for h in range(hq) for s in range(slots)
                       if sel[tt, h, s] >= 0)
-    routes = routing.route_selection(sel.clone(), nb, hkv, d, 16)
+    routes = route(sel, nb, hkv, d)
+    start = routes.run_start.tolist()
+    assert start[0] == 0 and start == sorted(start) and start[-1] == len(expected)
     assert routes.parts == parts and routes.heads == hq * parts
     assert routes.order.dtype == torch.int32
     found = decode(routes, nb)
@@ -54,3 +74,31 @@ def test_slot_parts_fit_the_budget(monkeypatch):
     assert routing.slot_parts(10, 95, 10, 512) == 10
     assert routing.slot_parts(1000, 3, 10, 512) == 3  # not one slot fits: a part a slot
     assert routing.slot_parts(10, 95, 10, 256) == 1  # small blocks: one part (SLOT_PARTS_ABOVE_CHUNK)
+
+
+@pytest.mark.parametrize("kv_a_call", [1, 2, 3])
+def test_routing_a_few_kv_heads_at_a_time_gives_the_same_runs(monkeypatch, kv_a_call):
+    """Calls of several kv heads (GQA, uneven last call) give the runs one call gives, row for row."""
+    t, hq, hkv, slots, nb, d = 33, 6, 3, 4, 7, 8
+    g = torch.Generator().manual_seed(1)
+    sel = torch.randint(0, nb, (t, hq, slots), generator=g, dtype=torch.int32)
+    sel[torch.rand(t, hq, slots, generator=g) < 0.4] = -1
+    whole = route(sel, nb, hkv, d)
+    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", kv_a_call * t * (hq // hkv) * slots)
+    parts = route(sel, nb, hkv, d)
+    assert torch.equal(parts.run_start, whole.run_start)
+    used = int(whole.run_start[-1])
+    assert torch.equal(parts.order[:used], whole.order[:used])
+
+
+def test_place_rows_in_triton_as_in_torch():
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randperm(3 * 4 * 5, generator=g)  # a call's rows: 3 tokens, 2 heads of 5 slots (x2: a tail)
+    rows = rows[rows < 3 * 2 * 5]
+    for fused in (False, True):
+        order = torch.full((40,), -1, dtype=torch.int32)
+        routing.place_rows(order, rows.clone(), torch.tensor(7), 2 * 5, 4 * 5, 3 * 5, fused=fused)
+        expected = rows + rows // 10 * 20 + 15  # heads 3 and 4 of 6
+        assert order[7:37].tolist() == expected.tolist()
+        assert order[:7].tolist() == [-1] * 7 and order[37:].tolist() == [-1] * 3

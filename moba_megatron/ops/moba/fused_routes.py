@@ -55,6 +55,7 @@ BACKWARD_DQ_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 MERGE_ROWS = 32
 GATHER_ROWS = 64
 FOLD_ROWS = 32
+PLACE_ROWS = 1024
 # Keys per program of the dK/dV fold, whose grid is only (key blocks, C / FOLD_KEYS): few keys a
 # program give the grid enough programs to fill the GPU.
 FOLD_KEYS = 16
@@ -354,6 +355,16 @@ def _fold_rows_kernel(DST, SRC, ROWS, offsets, cells, n, slots, stride_t, stride
     tl.store(dst, total.to(DST.dtype.element_ty), mask=mask[:, None])
 
 
+@triton.jit
+def _place_rows_kernel(ORDER, ROWS, BASE, n, per_token, token_stride, offset, BR: tl.constexpr):
+    """``ORDER[BASE + i] = r + r // per_token * token_stride + offset`` for ``r = ROWS[i]``."""
+    i = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mask = i < n
+    r = tl.load(ROWS + i, mask=mask, other=0)
+    rid = r + r // per_token * token_stride + offset
+    tl.store(ORDER + tl.load(BASE) + i, rid.to(ORDER.dtype.element_ty), mask=mask)
+
+
 def _launch(key, configs, launch):
     """Run ``launch(config)`` with the first configuration this GPU can hold, and remember it."""
     for config in [_config_in_use[key]] if key in _config_in_use else configs:
@@ -472,6 +483,15 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         )
 
     _launch(("backward_dq", q.device, q.dtype, d, chunk), BACKWARD_DQ_CONFIGS, launch_dq)
+
+
+def place_rows(order: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, per_token: int, token_stride: int,
+               offset: int) -> None:
+    """``routing.place_rows`` in one pass (reads the sort's int64 rows once, writes the order once)."""
+    if rows.numel():
+        _place_rows_kernel[(triton.cdiv(rows.numel(), PLACE_ROWS),)](
+            order, rows, base, rows.numel(), per_token, token_stride, offset, BR=PLACE_ROWS, num_warps=4
+        )
 
 
 def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, parts: int = 1) -> None:

@@ -5,8 +5,11 @@ Every selection (cell, slot) is a *row*, numbered ``r = cell * slots + slot``; a
 parallelism's routed exchange: the received rows as ``T`` cells of one head and one slot). Rows are
 sorted into *runs*, one per (kv head, head subgroup, key block), so the rows that attend one block
 of one kv head are consecutive, and the runs of one block of one kv head are adjacent (``run_start``
-bounds them all at once). One sort on the device does it, and ``run_start`` (on the device)
-bounds the runs; the Triton kernels (fused_routes.py) launch from that alone.
+bounds them all at once). Sorts on the device do it, a few kv heads at a time (the gate's selection
+of those heads, their sort keys and the sort's temporaries then stay within ``ROUTING_BUDGET_ROWS``
+rows, whatever the length and top-k), each call's runs placed right after the last call's; and
+``run_start`` (on the device) bounds the runs. The Triton kernels (fused_routes.py) launch from that
+alone.
 
 Heads are processed in groups so the per-slot merge state stays bounded (``head_groups``). When one
 kv head's query heads must be split, each part gets runs of its own (a *subgroup*); a head group's
@@ -34,6 +37,8 @@ KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times f
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs (launch, setup), in row x key products
 MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
+# Selections routed at once (the selection, its sort keys and the sort's temporaries: ~40 bytes a row).
+ROUTING_BUDGET_ROWS = 1 << 23
 # Slots are split into parts only for blocks above this: the Triton backward of smaller blocks walks
 # a block's runs of every part in one program and ran 3.7x slower with 24 parts than with one (H100,
 # 128K / 128 / 384); blocks of 512 and 1024 keys ran faster with parts (benchmarks/RESULTS.md).
@@ -93,24 +98,17 @@ def run_id_dtype(num_runs: int) -> torch.dtype:
 class Routes:
     """Rows sorted into runs. ``heads`` counts the row view's heads, virtual where a head's slots are
     split into ``parts`` (the real head of virtual head h is ``h // parts``).
-    ``order [rows]``: the row id at each sorted place, the runs' rows first
-    (unused slots after them), int32 where every row id fits (the kernels divide them: int64 division
-    is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]`` int64 on the
-    device: where each run begins. Run ``(kv_head * num_blocks + block) * subgroups + sub``.
-    ``keys [rows]``: each row's run (``num_runs`` for unused slots), any integer dtype; it is sorted as
-    ``run_id_dtype``."""
+    ``order [rows]``: the row id at each sorted place, the runs' rows first (what follows them is
+    unspecified: unused slots, or nothing), int32 where every row id fits (the kernels divide them:
+    int64 division is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]``
+    int64 on the device: where each run begins. Run ``(kv_head * num_blocks + block) * subgroups + sub``."""
 
-    def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
-                 subgroups: int, num_blocks: int, groups: list[HeadGroup], parts: int = 1):
+    def __init__(self, order: torch.Tensor, run_start: torch.Tensor, *, num_tokens: int, heads: int, slots: int,
+                 kv_heads: int, subgroups: int, num_blocks: int, groups: list[HeadGroup], parts: int = 1):
         self.num_tokens, self.heads, self.slots, self.parts = num_tokens, heads, slots, parts
         self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
         self.num_runs = kv_heads * subgroups * num_blocks
-        sorted_keys, order = torch.sort(keys.to(run_id_dtype(self.num_runs)), stable=True)
-        self.order = order.to(torch.int32) if order.numel() < 2**31 else order
-        del order
-        bounds = torch.arange(self.num_runs + 1, device=keys.device, dtype=sorted_keys.dtype)
-        self.run_start = torch.searchsorted(sorted_keys, bounds)
-        del sorted_keys
+        self.order, self.run_start = order, run_start
         self._host = None
         self._pieces: dict = {}
 
@@ -191,47 +189,126 @@ def slot_parts(num_tokens: int, slots: int, head_dim: int, chunk: int) -> int:
     return -(-slots // width)
 
 
-def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_dim: int, chunk: int) -> Routes:
-    """``sel [T, Hq, slots]`` block ids (-1: unused slot) of blocks of ``chunk`` keys -> the rows sorted
-    into runs, in head groups sized to the state budget. Nothing is read on the host."""
-    t, hq, slots = sel.shape
-    parts = slot_parts(t, slots, head_dim, chunk)
+def sort_rows(keys: torch.Tensor, run0: int, run1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys [n]`` (run ids in ``[run0, run1)``, or anything at least ``run1`` for rows in no run) -> the
+    rows' indices sorted by run (int64; stable, so in index order within a run) and where runs
+    ``run0 .. run1`` begin among them (``[run1 - run0 + 1]`` int64)."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    bounds = torch.arange(run0, run1 + 1, device=keys.device, dtype=sorted_keys.dtype)
+    return order, torch.searchsorted(sorted_keys, bounds)
+
+
+def place_rows(order: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, per_token: int, token_stride: int,
+               offset: int, *, fused: bool = False) -> None:
+    """``order[base + i] = r + r // per_token * token_stride + offset`` for each ``r = rows[i]`` (consumed):
+    a routing call's sorted rows, renumbered from its heads to every head, placed right after the
+    previous call's runs (its unused rows, last, are overwritten by the next call's or left past the
+    runs). ``base`` is on the device, so the host need not wait for it. ``fused``: in one Triton pass."""
+    if fused:
+        from .fused_routes import place_rows as place_rows_fused
+
+        place_rows_fused(order, rows, base, per_token, token_stride, offset)
+        return
+    tok = torch.div(rows, per_token, rounding_mode="floor")
+    rows.add_(tok, alpha=token_stride).add_(offset)
+    del tok
+    order.index_copy_(0, torch.arange(rows.numel(), device=rows.device).add_(base), rows.to(order.dtype))
+
+
+@dataclass(frozen=True)
+class RowView:
+    """How a selection's rows are numbered and grouped: ``heads`` (virtual where a head's ``slots`` are
+    split into ``parts`` of ``slots_a_head`` each), ``subgroups`` of each kv head's query heads,
+    each (virtual) head's run of block 0 (``first_run``), and the head groups."""
+
+    parts: int
+    heads: int
+    slots: int  # a (virtual) head's slots
+    subgroups: int
+    first_run: torch.Tensor  # [heads] int64, on the host
+    groups: list[HeadGroup]
+
+
+def row_view(num_tokens: int, num_heads: int, slots: int, num_blocks: int, num_kv_heads: int, head_dim: int,
+             chunk: int) -> RowView:
+    """The rows' numbering and head groups, sized to the state budget."""
+    parts = slot_parts(num_tokens, slots, head_dim, chunk)
     if parts > 1:  # virtual heads of ``width`` slots each, the last padded with unused slots
-        width = -(-slots // parts)
-        if parts * width > slots:
-            sel = torch.nn.functional.pad(sel, (0, parts * width - slots), value=-1)
-        hq, slots = hq * parts, width
-        sel = sel.view(t, hq, slots)
+        hq, slots = num_heads * parts, -(-slots // parts)
         ranges = [(h, h + 1) for h in range(hq)]
     else:
-        ranges = head_groups(hq, hq // num_kv_heads, t * slots * head_dim)
+        hq = num_heads
+        ranges = head_groups(hq, hq // num_kv_heads, num_tokens * slots * head_dim)
     group = hq // num_kv_heads
     per = ranges[0][1] - ranges[0][0]
     subgroups = group // per if per < group else 1
     heads = torch.arange(hq)
-    first_run = (heads // group) * num_blocks * subgroups + (heads % group) // per % subgroups  # block 0's run
-    nruns = num_kv_heads * subgroups * num_blocks
+    first_run = (heads // group) * num_blocks * subgroups + (heads % group) // per % subgroups
     if subgroups == 1:  # groups of whole kv heads: their runs are consecutive
         groups = [HeadGroup(h0, h1, int(first_run[h0]), (h1 - h0) // group * num_blocks, 1) for h0, h1 in ranges]
     else:  # a group a subgroup of one kv head: every subgroups-th run
         groups = [HeadGroup(h0, h1, int(first_run[h0]), num_blocks, subgroups) for h0, h1 in ranges]
-    # The keys are built in the sort's narrow dtype, and ``sel`` let go before the sort: at many slots
-    # these are the op's largest temporaries.
+    return RowView(parts, hq, slots, subgroups, first_run, groups)
+
+
+def route_selection(select, *, num_tokens: int, num_heads: int, slots: int, num_blocks: int, num_kv_heads: int,
+                    head_dim: int, chunk: int, fused: bool = False) -> Routes:
+    """Block selections -> the rows sorted into runs, in head groups sized to the state budget. Nothing
+    is read on the host.
+
+    ``select(kv0, kv1)`` gives the selections of the query heads of kv heads ``[kv0, kv1)``: ``[T, heads,
+    slots]`` block ids of blocks of ``chunk`` keys (-1: unused slot). It is called for a few kv heads
+    at a time, each call's rows sorted on their own (``ROUTING_BUDGET_ROWS``): the selection, its sort
+    keys and the sort's temporaries then stay bounded whatever the length and top-k; only the order is
+    as long as every row. ``fused``: renumber the calls' rows in Triton (``place_rows``)."""
+    t = num_tokens
+    view = row_view(t, num_heads, slots, num_blocks, num_kv_heads, head_dim, chunk)
+    hq, vslots, subgroups = view.heads, view.slots, view.subgroups
+    group = hq // num_kv_heads
+    runs_per_kv = subgroups * num_blocks
+    nruns = num_kv_heads * runs_per_kv
+    order_dtype = torch.int32 if t * hq * vslots < 2**31 else torch.int64
     narrow = run_id_dtype(nruns)
-    keys = sel.to(narrow)
-    keys *= subgroups
-    keys += first_run.to(sel.device, narrow, non_blocking=True).view(1, hq, 1)
-    keys.masked_fill_(sel < 0, nruns)
-    del sel  # the caller's reference goes with the call (route_selection(select_blocks(...)))
-    return Routes(keys.view(-1), num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
-                  num_blocks=num_blocks, groups=groups, parts=parts)
+    kv_per_call = max(1, ROUTING_BUDGET_ROWS // max(1, t * group * vslots))
+    order = run_start = base = None
+    for kv0 in range(0, num_kv_heads, kv_per_call):
+        kv1 = min(num_kv_heads, kv0 + kv_per_call)
+        h0, h1 = kv0 * group, kv1 * group  # the call's (virtual) heads
+        sel = select(kv0, kv1)
+        if view.parts > 1:
+            sel = torch.nn.functional.pad(sel, (0, view.parts * vslots - slots), value=-1).view(t, h1 - h0, vslots)
+        # The keys are built in the sort's narrow dtype, and ``sel`` let go before the sort.
+        keys = sel.to(narrow)
+        keys *= subgroups
+        keys += view.first_run[h0:h1].to(sel.device, narrow, non_blocking=True).view(1, h1 - h0, 1)
+        keys.masked_fill_(sel < 0, nruns)
+        del sel
+        rows, bounds = sort_rows(keys.view(-1), kv0 * runs_per_kv, kv1 * runs_per_kv)
+        del keys
+        if kv0 == 0 and kv1 == num_kv_heads:  # one call: its rows are every row, in place
+            order, run_start = rows.to(order_dtype), bounds
+            break
+        if order is None:
+            order = torch.empty(t * hq * vslots, dtype=order_dtype, device=rows.device)
+            run_start = torch.empty(nruns + 1, dtype=torch.int64, device=rows.device)
+            base = torch.zeros((), dtype=torch.int64, device=rows.device)
+        # The call's rows are numbered in its [T, h1 - h0, vslots]; in the whole [T, hq, vslots] a token's
+        # rows lie (hq - h1 + h0) * vslots further on each token, and h0 * vslots further on.
+        place_rows(order, rows, base, (h1 - h0) * vslots, (hq - h1 + h0) * vslots, h0 * vslots, fused=fused)
+        del rows
+        run_start[kv0 * runs_per_kv : kv1 * runs_per_kv + 1] = bounds + base
+        base = run_start[kv1 * runs_per_kv].clone()
+    return Routes(order, run_start, num_tokens=t, heads=hq, slots=vslots, kv_heads=num_kv_heads,
+                  subgroups=subgroups, num_blocks=num_blocks, groups=view.groups, parts=view.parts)
 
 
 def route_rows(keys: torch.Tensor, num_kv_heads: int, num_blocks: int) -> Routes:
     """Loose rows, ``keys [n]`` = ``kv_head * num_blocks + block`` each: ``n`` cells of one head and
     one slot, in one head group."""
     nruns = num_kv_heads * num_blocks
-    return Routes(keys, num_tokens=keys.numel(), heads=1, slots=1, kv_heads=num_kv_heads, subgroups=1,
+    rows, run_start = sort_rows(keys.to(run_id_dtype(nruns)), 0, nruns)
+    order = rows.to(torch.int32) if rows.numel() < 2**31 else rows
+    return Routes(order, run_start, num_tokens=keys.numel(), heads=1, slots=1, kv_heads=num_kv_heads, subgroups=1,
                   num_blocks=num_blocks, groups=[HeadGroup(0, 1, 0, nruns, 1)])
 
 
