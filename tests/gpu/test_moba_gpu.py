@@ -75,7 +75,7 @@ def test_routed_backward_modes(monkeypatch, min_chunk, lens, chunk, topk):
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "torch_flash"])
-@pytest.mark.parametrize("rows_a_call", [1, 3 * 4096 * 2 * 7])  # a kv head a call; three, then one
+@pytest.mark.parametrize("rows_a_call", [1, 3 * 4096 * 2 * 7])  # a kv head a call; two calls of two
 def test_routing_a_few_kv_heads_at_a_time(monkeypatch, backend, rows_a_call):
     from moba_megatron.ops.moba import routing
 

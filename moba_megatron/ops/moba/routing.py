@@ -269,7 +269,8 @@ def route_selection(select, *, num_tokens: int, num_heads: int, slots: int, num_
     nruns = num_kv_heads * runs_per_kv
     order_dtype = torch.int32 if t * hq * vslots < 2**31 else torch.int64
     narrow = run_id_dtype(nruns)
-    kv_per_call = max(1, ROUTING_BUDGET_ROWS // max(1, t * group * vslots))
+    calls = -(-num_kv_heads // max(1, ROUTING_BUDGET_ROWS // max(1, t * group * vslots)))
+    kv_per_call = -(-num_kv_heads // calls)  # as even as whole kv heads allow
     order = run_start = base = None
     for kv0 in range(0, num_kv_heads, kv_per_call):
         kv1 = min(num_kv_heads, kv0 + kv_per_call)
