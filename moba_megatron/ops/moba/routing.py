@@ -217,9 +217,9 @@ def place_rows(order: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, per_
 
 @dataclass(frozen=True)
 class RowView:
-    """How a selection's rows are numbered and grouped: ``heads`` (virtual where a head's ``slots`` are
-    split into ``parts`` of ``slots_a_head`` each), ``subgroups`` of each kv head's query heads,
-    each (virtual) head's run of block 0 (``first_run``), and the head groups."""
+    """How a selection's rows are numbered and grouped: ``heads`` (virtual where a head's slots are split
+    into ``parts`` of ``slots`` each), ``subgroups`` of each kv head's query heads, each (virtual) head's
+    run of block 0 (``first_run``), and the head groups."""
 
     parts: int
     heads: int
