@@ -96,9 +96,11 @@ def test_place_rows_in_triton_as_in_torch():
     g = torch.Generator().manual_seed(2)
     rows = torch.randperm(3 * 4 * 5, generator=g)  # a call's rows: 3 tokens, 2 heads of 5 slots (x2: a tail)
     rows = rows[rows < 3 * 2 * 5]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's interpreter on CPU (tests/conftest.py)
+    rows = rows.to(device)
     for fused in (False, True):
-        order = torch.full((40,), -1, dtype=torch.int32)
-        routing.place_rows(order, rows.clone(), torch.tensor(7), 2 * 5, 4 * 5, 3 * 5, fused=fused)
+        order = torch.full((40,), -1, dtype=torch.int32, device=device)
+        routing.place_rows(order, rows.clone(), torch.tensor(7, device=device), 2 * 5, 4 * 5, 3 * 5, fused=fused)
         expected = rows + rows // 10 * 20 + 15  # heads 3 and 4 of 6
         assert order[7:37].tolist() == expected.tolist()
         assert order[:7].tolist() == [-1] * 7 and order[37:].tolist() == [-1] * 3
