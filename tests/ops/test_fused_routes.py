@@ -67,19 +67,19 @@ def test_block_sizes_and_top_k(lens, chunk, topk, hq, hkv, d):
 
 
 @pytest.mark.parametrize(
-    "topk,budget,rows_a_call",
+    "topk,budget,rows_a_query_head",
     [
         (3, 256 * 2 * 16, 10**9),  # one head's state exactly: a group a head, each filled and merged alone
-        (6, 256 * 2 * 16, 1),  # 5 slots over the budget: each head's slots in parts of 2, 2 and 1; a kv head a call
-        (3, 1, 1),  # a part a slot
+        (6, 256 * 2 * 16, 0),  # 5 slots over the budget: each head's slots in parts of 2, 2 and 1; a kv head a call
+        (3, 1, 0),  # a part a slot
     ],
 )
-def test_head_groups_and_slot_parts(monkeypatch, topk, budget, rows_a_call):
+def test_head_groups_and_slot_parts(monkeypatch, topk, budget, rows_a_query_head):
     from moba_megatron.ops.moba import routing
 
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
     monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
-    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", rows_a_call)
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", rows_a_query_head)
     check([192, 64], 32, topk, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
 
 
@@ -90,7 +90,7 @@ def test_tile_backward_of_several_calls_per_head_group(monkeypatch):
 
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
     monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 4 * (8 + 2 * 32) * 16)
-    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", 1)  # a kv head's rows sorted at a time
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", 0)  # a kv head's rows sorted at a time
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     check([192, 64], 32, 3, 4, 2, 16, dtype, backend=FusedOnPaddedTorch(8))
 

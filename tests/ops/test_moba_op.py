@@ -126,7 +126,7 @@ def test_many_routes_and_tiles_match_one(monkeypatch):
     out, grads = run_with_grads(fn, q, k, v, dout)
     monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 16)
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 16)
-    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", 1)
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", 0)
     monkeypatch.setattr(gating, "_TILE_ELEMENTS", 64)
     out2, grads2 = run_with_grads(fn, q, k, v, dout)
     assert_close(out2, out, 1e-6, 1e-6, "out")

@@ -36,12 +36,12 @@ def route(sel: torch.Tensor, nb: int, hkv: int, d: int) -> routing.Routes:
     return routes
 
 
-@pytest.mark.parametrize("rows_a_call", [10**9, 1])
+@pytest.mark.parametrize("rows_a_query_head", [10**9, 0])
 @pytest.mark.parametrize("budget,parts", [(10**9, 1), (40 * 5 * 8, 1), (40 * 5 * 8 - 1, 2), (40 * 2 * 8, 3), (1, 5)])
-def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts, rows_a_call):
+def test_every_selection_in_one_row_of_its_run(monkeypatch, budget, parts, rows_a_query_head):
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
     monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
-    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", rows_a_call)  # 1: a kv head a call
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", rows_a_query_head)  # 0: a kv head a call
     t, hq, hkv, slots, nb, d = 40, 4, 2, 5, 9, 8
     g = torch.Generator().manual_seed(0)
     sel = torch.randint(0, nb, (t, hq, slots), generator=g, dtype=torch.int32)
@@ -84,7 +84,7 @@ def test_routing_a_few_kv_heads_at_a_time_gives_the_same_runs(monkeypatch, kv_a_
     sel = torch.randint(0, nb, (t, hq, slots), generator=g, dtype=torch.int32)
     sel[torch.rand(t, hq, slots, generator=g) < 0.4] = -1
     whole = route(sel, nb, hkv, d)
-    monkeypatch.setattr(routing, "ROUTING_BUDGET_ROWS", kv_a_call * t * (hq // hkv) * slots)
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", kv_a_call * (hq // hkv) * slots / hq)
     parts = route(sel, nb, hkv, d)
     assert torch.equal(parts.run_start, whole.run_start)
     used = int(whole.run_start[-1])

@@ -6,8 +6,9 @@ parallelism's routed exchange: the received rows as ``T`` cells of one head and 
 sorted into *runs*, one per (kv head, head subgroup, key block), so the rows that attend one block
 of one kv head are consecutive, and the runs of one block of one kv head are adjacent (``run_start``
 bounds them all at once). Sorts on the device do it, a few kv heads at a time (the gate's selection
-of those heads, their sort keys and the sort's temporaries then stay within ``ROUTING_BUDGET_ROWS``
-rows, whatever the length and top-k), each call's runs placed right after the last call's; and
+of those heads, their sort keys and the sort's temporaries then stay within
+``ROUTING_ROWS_PER_QUERY_HEAD`` rows a query and head, whatever the top-k), each call's runs placed
+right after the last call's; and
 ``run_start`` (on the device) bounds the runs. The Triton kernels (fused_routes.py) launch from that
 alone.
 
@@ -37,8 +38,10 @@ KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times f
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs (launch, setup), in row x key products
 MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
-# Selections routed at once (the selection, its sort keys and the sort's temporaries: ~40 bytes a row).
-ROUTING_BUDGET_ROWS = 1 << 23
+# Selections routed at once, per query and head: the selection, its sort keys and the sort's temporaries
+# take about 40 bytes a row, so 16 rows are a few times what the query, key and value themselves take and
+# the peak stays within a dense attention's few multiples of them. Every top-k up to 17 routes in one call.
+ROUTING_ROWS_PER_QUERY_HEAD = 16
 # Slots are split into parts only for blocks above this: the Triton backward of smaller blocks walks
 # a block's runs of every part in one program and ran 3.7x slower with 24 parts than with one (H100,
 # 128K / 128 / 384); blocks of 512 and 1024 keys ran faster with parts (benchmarks/RESULTS.md).
@@ -258,9 +261,9 @@ def route_selection(select, *, num_tokens: int, num_heads: int, slots: int, num_
 
     ``select(kv0, kv1)`` gives the selections of the query heads of kv heads ``[kv0, kv1)``: ``[T, heads,
     slots]`` block ids of blocks of ``chunk`` keys (-1: unused slot). It is called for a few kv heads
-    at a time, each call's rows sorted on their own (``ROUTING_BUDGET_ROWS``): the selection, its sort
-    keys and the sort's temporaries then stay bounded whatever the length and top-k; only the order is
-    as long as every row. ``fused``: renumber the calls' rows in Triton (``place_rows``)."""
+    at a time, each call's rows sorted on their own (``ROUTING_ROWS_PER_QUERY_HEAD``): the selection,
+    its sort keys and the sort's temporaries then stay bounded whatever the top-k; only the order is as
+    long as every row. ``fused``: renumber the calls' rows in Triton (``place_rows``)."""
     t = num_tokens
     view = row_view(t, num_heads, slots, num_blocks, num_kv_heads, head_dim, chunk)
     hq, vslots, subgroups = view.heads, view.slots, view.subgroups
@@ -269,7 +272,8 @@ def route_selection(select, *, num_tokens: int, num_heads: int, slots: int, num_
     nruns = num_kv_heads * runs_per_kv
     order_dtype = torch.int32 if t * hq * vslots < 2**31 else torch.int64
     narrow = run_id_dtype(nruns)
-    calls = -(-num_kv_heads // max(1, ROUTING_BUDGET_ROWS // max(1, t * group * vslots)))
+    budget = round(ROUTING_ROWS_PER_QUERY_HEAD * t * num_heads)
+    calls = -(-num_kv_heads // max(1, budget // max(1, t * group * vslots)))
     kv_per_call = -(-num_kv_heads // calls)  # as even as whole kv heads allow
     order = run_start = base = None
     for kv0 in range(0, num_kv_heads, kv_per_call):
