@@ -14,7 +14,8 @@
 # Results go to OUTDIR/NAME, NAME the variant with `-`
 # for `:` and without `=` (moba-128-48-conv3-steps800-full-from700), with NAME/variant.json: how it ran (side by side
 # or alone, evaluated on MoBA or on full attention), for the summary. A variant that ends on full attention
-# (`:full-from=N`) is evaluated so, and with its MoBA too, in OUTDIR/NAME-as-moba.
+# (`:full-from=N`) is evaluated so, and with its MoBA too, in OUTDIR/NAME-as-moba (MOBA_EVAL=0: on full
+# attention only, a minute less a variant).
 #
 # Why the stages (benchmarks/RESULTS.md, "Retrieval quality"): the 125M model forms an induction head (the
 # loss drops abruptly) with dense needles and a small vocabulary: 64 tokens, 8 needles, vocabulary 64, after
@@ -112,7 +113,7 @@ long() {  # VARIANT: fine-tune at the config's length, then the needle grid
         --lr-warmup-iters 10 --train-iters "$iters" --log-interval 20
     if [ ${#phase[@]} -gt 0 ]; then  # it ended on full attention: evaluated so, and with its MoBA as well
         evaluate "$name" full "$name" "${flags[@]}" --moba-disable
-        evaluate "$name-as-moba" moba "$name" "${flags[@]}"
+        [ "${MOBA_EVAL:-1}" = 0 ] || evaluate "$name-as-moba" moba "$name" "${flags[@]}"
     else
         evaluate "$name" "$([ "${parts[0]}" = full ] && echo full || echo moba)" "$name" "${flags[@]}"
     fi

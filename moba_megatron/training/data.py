@@ -9,7 +9,9 @@ whole sequence back, so training meets every distance the needle eval asks about
 matters for the far ones. More pairs give more retrieval targets a step (a denser signal to learn from).
 
 Sample ``i`` is a pure function of (seed, i), whatever batch it is drawn in, so any rank can produce
-any sample and a resumed run sees exactly the data it would have seen.
+any sample and a resumed run sees exactly the data it would have seen. The bigram rule is the task's,
+not the run's: ``--seed`` draws the samples only, so a fine-tune with another seed meets the language
+its base learnt.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 BOS, KEY, QUERY = 0, 1, 2
 FIRST_FILLER = 3
 DEFAULT_VOCAB = 256  # the synthetic task's vocabulary without --vocab-size
+RULE_SEED = 1234  # the filler's bigram rule is drawn from this seed whatever --seed is (Megatron's default)
 
 
 MASK32 = 2**32 - 1
@@ -91,7 +94,7 @@ class SyntheticRetrieval:
         self.vocab_size, self.seq_length, self.seed, self.pairs, self.noise = vocab_size, seq_length, seed, pairs, noise
         self.first_filler = FIRST_FILLER + self.keys
         self.fillers = vocab_size - self.first_filler
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(RULE_SEED)
         # The bigram rule walks one long cycle through all filler tokens (no fixed points).
         self.cycle = self.first_filler + torch.randperm(self.fillers, generator=g)
         self.position = torch.empty(vocab_size, dtype=torch.long)

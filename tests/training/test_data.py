@@ -131,6 +131,17 @@ def test_synthetic_batch_is_its_samples_and_draws_are_uniform():
     assert torch.histc(share, bins=4, min=0, max=1).min() > 0.2 * len(share)
 
 
+def test_synthetic_seed_draws_the_samples_not_the_filler_rule():
+    # A fine-tune with another --seed (the retrieval study's seeds) must meet the language its base
+    # learnt: other samples, the same bigram cycle.
+    base, other = SyntheticRetrieval(64, 300, 1234, 4), SyntheticRetrieval(64, 300, 2, 4)
+    assert torch.equal(base.cycle, other.cycle)
+    assert not torch.equal(base.sample(0), other.sample(0))
+    filler = other._filler(other._draws(list(range(50)), 0), 301)[:, 1:]
+    follows = base.position[filler[:, 1:]] == (base.position[filler[:, :-1]] + 1) % base.fillers
+    assert follows.float().mean() > 0.85  # the base's rule predicts the other seed's filler
+
+
 def test_synthetic_label_kinds_name_each_label():
     data = SyntheticRetrieval(vocab_size=64, seq_length=200, seed=3, pairs=2)
     sample = data.sample(5)
