@@ -8,9 +8,8 @@ of one kv head are consecutive, and the runs of one block of one kv head are adj
 bounds them all at once). Sorts on the device do it, a few kv heads at a time (the gate's selection
 of those heads, their sort keys and the sort's temporaries then stay within
 ``ROUTING_ROWS_PER_QUERY_HEAD`` rows a query and head, whatever the top-k), each call's runs placed
-right after the last call's; and
-``run_start`` (on the device) bounds the runs. The Triton kernels (fused_routes.py) launch from that
-alone.
+right after the last call's; ``run_start`` (on the device) bounds the runs. The Triton kernels
+(fused_routes.py) launch from that alone.
 
 Heads are processed in groups so the per-slot merge state stays bounded (``head_groups``). When one
 kv head's query heads must be split, each part gets runs of its own (a *subgroup*); a head group's
