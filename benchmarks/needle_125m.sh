@@ -6,7 +6,8 @@
 #
 #   benchmarks/needle_125m.sh OUTDIR VARIANT...      # no VARIANT: the base and its stages alone
 #
-# A variant is `full` (--moba-disable), `moba` (the config's MoBA, 2048 / 3 with layer 12 full) or
+# A variant is `full` (--moba-disable), `moba` (the config's MoBA, 2048 / 3 with layer 12 full, to the
+# end: the config's last phase on full attention is for its own train_iters) or
 # `moba:CHUNK:TOPK`, followed by any of `:conv=W` (--moba-key-conv W), `:steps=N` (N steps at 32K
 # instead of LONG_ITERS), `:full-from=N` (--moba-full-attn-from-iter N) and `:seed=N` (the fine-tune's
 # --seed: its data order; the needle probes stay the same, so seeds of one variant show the run-to-run
@@ -107,6 +108,9 @@ long() {  # VARIANT: fine-tune at the config's length, then the needle grid
             seed=*) train_flags+=(--seed "${part#seed=}") ;;
         esac
     done
+    # The config's own last phase (moba_full_attn_from_iter) is for its train_iters: a variant without
+    # :full-from= stays on its attention to the end.
+    [ ${#phase[@]} -gt 0 ] || train_flags+=(--moba-full-attn-from-iter "$((iters + 1))")
     log "$name at the config's length, $iters steps"
     job "$name" moba_megatron.pretrain "${task[@]}" "${flags[@]}" "${phase[@]}" "${train_flags[@]}" --load "$runs/$last" \
         --finetune --save "$runs/$name" --micro-batch-size 1 --global-batch-size 2 --lr 3e-4 --min-lr 3e-4 \

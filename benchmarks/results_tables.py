@@ -135,7 +135,8 @@ def retrieval(folder: str = "needle-study") -> list[str]:
             f"`{meta['command']}`."]
 
 
-TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step, "retrieval": retrieval,
+TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step,
+          "retrieval-seeds": lambda: retrieval("needle-study-seeds"), "retrieval": retrieval,
           "retrieval-small-blocks": lambda: retrieval("needle-study-small-blocks"),
           "retrieval-another-base": lambda: retrieval("needle-study-another-base")}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)

@@ -40,9 +40,10 @@ CASES = [
     ([500, 37], 4, 7, 2, 1, 16),  # a tile of queries straddling two sequences
     # Many selections (long under the interpreter: the full suite only)
     pytest.param([700], 4, 63, 2, 2, 16, marks=pytest.mark.slow),  # top-k 64
-    # top-k 128, the most insertion keeps; tiles straddling two sequences
+    # top-k 128: the threshold kernel (insertion's most: test_insertion_keeps_up_to_128); tiles
+    # straddling two sequences
     pytest.param([600, 200], 4, 127, 2, 1, 16, marks=pytest.mark.slow),
-    # the threshold kernel: more selections than the first queries' candidates
+    # more selections than the first queries' candidates
     pytest.param([1300], 4, 300, 1, 1, 16, marks=pytest.mark.slow),
     pytest.param([900, 40, 700], 2, 200, 2, 2, 16, marks=pytest.mark.slow),  # ... tiles straddling three sequences
     ([3 * 8192 + 100], 8192, 2, 1, 1, 16),  # the largest block size
@@ -55,6 +56,19 @@ def test_exact_scores_give_identical_selections(lens, chunk, slots, hq, hkv, d):
     _, _, fused, exact = selections(lens, chunk, slots, hq, hkv, d, dyadic=True, dtype=dtype)
     assert fused.dtype == torch.int32 and fused.shape == exact.shape
     assert torch.equal(fused, exact)
+
+
+@pytest.mark.slow
+def test_insertion_keeps_up_to_128(monkeypatch):
+    """Insertion serves 65 to 128 selections where the threshold kernel cannot (past its candidates)."""
+    from moba_megatron.ops.moba import fused_gate
+
+    monkeypatch.setattr(fused_gate, "THRESHOLD_MAX_CANDIDATES", 16)
+    for slots in (65, 127):
+        assert not fused_gate._threshold(slots, 200) and fused_gate.supports(torch.zeros(1, 1, 16), slots, 200)
+        _, _, fused, exact = selections([600, 200], 4, slots, 2, 1, 16, dyadic=True, dtype=torch.float32 if
+                                        DEVICE == "cpu" else HALF)
+        assert torch.equal(fused, exact)
 
 
 @pytest.mark.parametrize("slots", [2, 130])  # the insertion kernel, the threshold kernel

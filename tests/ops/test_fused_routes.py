@@ -51,7 +51,7 @@ def test_fused_routes_match_reference(lens, chunk, topk, hq, hkv, d, dtype, padd
 @pytest.mark.parametrize(
     "lens,chunk,topk,hq,hkv,d",
     [
-        # top-k 128: the most selections the insertion gate keeps; past 129: the threshold gate
+        # top-k 128 and past it: the threshold gate (above 64 selections)
         pytest.param([2100], 16, 128, 1, 1, 16, marks=pytest.mark.slow),
         pytest.param([2400], 16, 140, 1, 1, 16, marks=pytest.mark.slow),
         ([700, 33, 300], 48, 20, 4, 2, 16),  # several sequences, partial blocks, GQA 2

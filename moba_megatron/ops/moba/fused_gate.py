@@ -2,7 +2,8 @@
 with no ``[T, blocks]`` score tensor and no sort outside the kernel; only the selection comes out.
 Two kernels, by the number of selections:
 
-- **Few selections** (up to ``INSERTION_MAX_SELECTED``), any number of blocks: a program takes ``BM``
+- **Few selections** (up to ``THRESHOLD_ABOVE_SELECTED``; up to ``INSERTION_MAX_SELECTED`` where there
+  are too many candidates for the other kernel), any number of blocks: a program takes ``BM``
   consecutive queries of one head and walks the blocks from the first block of the earliest query's
   sequence to the own block of the last query, ``BN`` blocks at a time, scoring on tensor cores and
   keeping a running top-n. Each (score, block) pair is packed into one int64 whose order is "higher
@@ -12,17 +13,18 @@ Two kernels, by the number of selections:
   against fp32 sums through three-pass tf32 products (``tf32x3``), about 2^-22 relative to
   sum |q_d s_d|.
 - **More selections** (up to ``MAX_SELECTED``) over at most ``THRESHOLD_MAX_CANDIDATES`` candidate
-  blocks: insertion would keep more keys than a program's registers hold, so a program holds every
+  blocks: insertion takes a round per kept key renewed, and at many selections most new keys renew
+  one (and past 128 it would keep more keys than a program's registers hold). A program holds every
   candidate score of its queries in registers (fp32 products on the CUDA cores, one key-sum row per
   head dim), finds each query's n-th best score by bisection over the scores' bits, and keeps the
   scores above it and, of those equal to it, the lowest blocks. Each query's candidates sit at
   columns relative to the first block of its own sequence, so ``max_candidates`` columns hold every
   query's candidates.
 
-Beyond both, ``gating.select_blocks`` scores in PyTorch. (The threshold kernel is slower than
-insertion up to 128 selections on an H100: benchmarks/RESULTS.md.) Either way, selections equal fp32
-scoring except between blocks whose fp32 scores differ by ~1e-6 relative (docs/semantics.md allows
-1e-5).
+Beyond both, ``gating.select_blocks`` scores in PyTorch. Where both kernels apply, the one that was
+faster on an H100 runs (benchmarks/RESULTS.md): insertion at 47 selections of 128 candidates,
+threshold at 95 of 512. Either way, selections equal fp32 scoring except between blocks whose fp32
+scores differ by ~1e-6 relative (docs/semantics.md allows 1e-5).
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ import triton.language as tl
 BLOCK_QUERIES = 64
 BLOCK_CANDIDATES = 32
 INSERTION_MAX_SELECTED = 128
+THRESHOLD_ABOVE_SELECTED = 64
 MAX_SELECTED = 512
 THRESHOLD_MAX_CANDIDATES = 4096
-# Candidate scores a program of the threshold kernel holds: [queries, candidates] fp32 in registers.
-THRESHOLD_SCORES = 8192
+# Candidate scores a program of the threshold kernel holds: [queries, candidates] fp32 in registers,
+# with 4 warps (8192 with 8 warps ran 1.6-2.2x slower on an H100).
+THRESHOLD_SCORES = 2048
 
 
 def _threshold(num_selected: int, max_candidates: int) -> bool:
     """Whether the threshold kernel (not insertion) selects these."""
-    return num_selected > INSERTION_MAX_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
+    return num_selected > THRESHOLD_ABOVE_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
 
 
 def supports(q: torch.Tensor, num_selected: int, max_candidates: int) -> bool:
@@ -168,7 +172,7 @@ def select_blocks_fused(q: torch.Tensor, block_sums: torch.Tensor, token_block: 
         bm = max(1, min(64, THRESHOLD_SCORES // nb))
         _threshold_kernel[(triton.cdiv(t, bm), hq)](
             q, sums_t, token_block, token_first_block, sel, t, q.stride(0), q.stride(1), sums_t.stride(0),
-            sums_t.stride(1), hq // hkv, num_selected, D=d, BM=bm, NB=nb, num_warps=8,
+            sums_t.stride(1), hq // hkv, num_selected, D=d, BM=bm, NB=nb, num_warps=4,
         )
         return sel
     sel = torch.empty(t, hq, num_selected, dtype=torch.int32, device=q.device)
