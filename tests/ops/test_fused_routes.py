@@ -83,6 +83,20 @@ def test_head_groups_and_slot_parts(monkeypatch, topk, budget, rows_a_query_head
     check([192, 64], 32, topk, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
 
 
+def test_forward_token_windows(monkeypatch):
+    """Blocks of at most 256 keys keep their slots whole; where a head group's merge grid is over the
+    budget the fused forward takes its tokens in windows (here 3 of 128, 128 and 44 tokens, across
+    sequence boundaries), each attended and merged on its own."""
+    from moba_megatron.ops.moba import routed, routing
+
+    monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 128 * 2 * 16)  # 128 tokens of one head's 2 slots
+    seen = []
+    windows = routed.token_windows
+    monkeypatch.setattr(routed, "token_windows", lambda *args: seen.append(windows(*args)) or seen[-1])
+    check([150, 60, 90], 32, 3, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
+    assert seen and all(w == [(0, 128), (128, 256), (256, 300)] for w in seen)
+
+
 def test_tile_backward_of_several_calls_per_head_group(monkeypatch):
     """One head per group, calls of at most 4 tiles of at most 8 rows: each group's dq is folded from
     the rows of several call outputs, wherever they lie."""

@@ -53,6 +53,7 @@ _SMALL_BLOCKS = 256
 BACKWARD_CONFIGS_HEAD_DIM_64 = [(128, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 1)]
 BACKWARD_DQ_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 MERGE_ROWS = 32
+WINDOW_RUNS = 128  # runs a program of the window search bounds
 GATHER_ROWS = 64
 FOLD_ROWS = 32
 PLACE_ROWS = 1024
@@ -92,25 +93,52 @@ def _find_run(tile_ends, nruns, p):
 
 
 @triton.jit
-def _tile_of_run(tile_ends, run_start, order, r, run, p, BM: tl.constexpr):
-    """Program ``p``'s rows: a tile of run ``run``, the ``r``-th run of ``tile_ends``. Returns the
-    rows' ids and which of the ``BM`` places hold one."""
+def _tile_of_run(tile_ends, begin, end, order, r, p, BM: tl.constexpr):
+    """Program ``p``'s rows: a tile of the ``r``-th run of ``tile_ends``, whose sorted rows are
+    ``[begin[r], end[r])``. Returns the rows' ids and which of the ``BM`` places hold one."""
     before = tl.load(tile_ends + r - 1, mask=r > 0, other=0)
-    row0 = tl.load(run_start + run) + (p - before) * BM
+    row0 = tl.load(begin + r) + (p - before) * BM
     offs = tl.arange(0, BM)
-    mask = row0 + offs < tl.load(run_start + run + 1)
+    mask = row0 + offs < tl.load(end + r)
     return tl.load(order + row0 + offs, mask=mask, other=0), mask
 
 
 @triton.jit
-def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_start,
-                    stride_qt, stride_qh, run0, run_step, nruns, heads, parts, h0, nh, slots, nb, subgroups,
+def _first_at_least(order, lo, hi, bound, cell_rows, STEPS: tl.constexpr):
+    """Of rows ``[lo, hi)`` of ``order`` (tokens ascending), the first whose token is at least ``bound``."""
+    for _ in range(STEPS):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        token = tl.load(order + mid, mask=open_, other=0) // cell_rows
+        lo = tl.where(open_ & (token < bound), mid + 1, lo)
+        hi = tl.where(open_ & (token >= bound), mid, hi)
+    return lo
+
+
+@triton.jit
+def _window_kernel(order, run_start, BEGIN, END, run0, run_step, nruns, t0, t1, cell_rows,
+                   STEPS: tl.constexpr, BR: tl.constexpr):
+    """``BEGIN[r], END[r]``: where the rows of the ``r``-th run (run ``run0 + r * run_step``) with a
+    token in ``[t0, t1)`` begin and end. A run's rows are in row order, so their tokens
+    (``row // cell_rows``) ascend."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    valid = r < nruns
+    run = run0 + r * run_step
+    first = tl.load(run_start + run, mask=valid, other=0)
+    last = tl.load(run_start + run + 1, mask=valid, other=0)
+    tl.store(BEGIN + r, _first_at_least(order, first, last, t0, cell_rows, STEPS), mask=valid)
+    tl.store(END + r, _first_at_least(order, first, last, t1, cell_rows, STEPS), mask=valid)
+
+
+@triton.jit
+def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, begin, end, tile_ends, block_start,
+                    stride_qt, stride_qh, run0, run_step, nruns, heads, parts, h0, nh, slots, nb, subgroups, t0,
                     scale_log2, CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     p = tl.program_id(0)
     r = _find_run(tile_ends, nruns, p)
     if r < nruns:
         run = run0 + r * run_step
-        rid, mask = _tile_of_run(tile_ends, run_start, order, r, run, p, BM)
+        rid, mask = _tile_of_run(tile_ends, begin, end, order, r, p, BM)
         t, h, s = _row_place(rid, slots, heads)
         d = tl.arange(0, D)
         q = tl.load(Q + t[:, None] * stride_qt + (h // parts)[:, None] * stride_qh + d[None, :], mask=mask[:, None],
@@ -131,7 +159,7 @@ def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_
             v = V_DESC.load([key0 + n0, col])
             acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
             m = m_new
-        g = (t * nh + h - h0) * slots + s  # the row's place in the head group's merge grid
+        g = ((t - t0) * nh + h - h0) * slots + s  # the row's place in the window's merge grid
         tl.store(O + g[:, None] * D + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=mask[:, None])
         tl.store(L + g, (m + tl.log2(l)) / 1.4426950408889634, mask=mask)
 
@@ -193,7 +221,7 @@ def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start,
     p = tl.program_id(0)
     run = _find_run(tile_ends, nruns, p)
     if run < nruns:
-        rid, mask = _tile_of_run(tile_ends, run_start, order, run, run, p, BM)
+        rid, mask = _tile_of_run(tile_ends, run_start, run_start + 1, order, run, p, BM)
         t, h, _ = _row_place(rid, slots, heads)
         h = h // parts
         d = tl.arange(0, D)
@@ -230,13 +258,14 @@ def _row_dot_kernel(A, B, OUT, cells, heads, num_tokens, stride_t, stride_h, D: 
 
 
 @triton.jit
-def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, parts, slots,
+def _merge_kernel(OUT, LSE, GO, GL, T, t0, nt, stride_ot, stride_oh, nh, h0, parts, slots,
                   D: tl.constexpr, BR: tl.constexpr):
-    """In place: each (token, head) cell's own-block out/LSE merged with its slots' partials.
-    Offsets are int64: a grid of all heads (context parallelism's routed exchange) passes 2^31."""
+    """In place: each (token, head) cell of tokens ``[t0, t0 + nt)``: its own-block out/LSE merged with
+    its slots' partials. Offsets are int64: a grid of all heads (context parallelism's routed
+    exchange) passes 2^31."""
     cells = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    mask = cells < T * nh
-    t = cells // nh
+    mask = cells < nt * nh
+    t = t0 + cells // nh
     h = (h0 + cells % nh) // parts
     d = tl.arange(0, D)
     out_ptr = OUT + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
@@ -390,30 +419,37 @@ def key_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
     return descs
 
 
-def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float):
-    """Partial output and LSE of every row of head group ``grp`` (``routing.HeadGroup``), in merge-grid
-    layout: ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare).
-    Where a slot is unused its LSE is -inf and its output row uninitialised. ``q [T, Hq, D]``: the
-    real heads of the row view's ``routes.heads`` (``routes.parts`` a head)."""
-    t, _, d = q.shape
+def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float, window: tuple[int, int]):
+    """Partial output and LSE of the rows of head group ``grp`` (``routing.HeadGroup``) whose token lies
+    in ``window = (t0, t1)``, in merge-grid layout: ``[(t1 - t0) * nh * slots + 1, D]`` and
+    ``[(t1 - t0) * nh * slots + 1]`` fp32 (the last row is spare). Where a slot is unused its LSE is
+    -inf and its output row uninitialised. ``q [T, Hq, D]``: the real heads of the row view's
+    ``routes.heads`` (``routes.parts`` a head)."""
+    d = q.shape[-1]
+    t0, t1 = window
     nh, slots = grp.h1 - grp.h0, routes.slots
-    out = q.new_empty(t * nh * slots + 1, d)  # only the rows' places are written: read them by LSE
+    out = q.new_empty((t1 - t0) * nh * slots + 1, d)  # only the rows' places are written: read them by LSE
     lse = torch.full((out.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
     nruns, step, run0 = grp.num_runs, grp.run_step, grp.run0
-    if nruns == 0 or routes.order.numel() == 0:
+    if nruns == 0 or routes.order.numel() == 0 or t1 == t0:
         return out, lse
-    end = run0 + nruns * step
-    counts = routes.run_start[run0 + 1 : end + 1 : step] - routes.run_start[run0:end:step]
+    begin = torch.empty(nruns, dtype=torch.int64, device=q.device)
+    end = torch.empty_like(begin)
+    _window_kernel[(triton.cdiv(nruns, WINDOW_RUNS),)](
+        routes.order, routes.run_start, begin, end, run0, step, nruns, t0, t1, routes.heads * slots,
+        STEPS=40, BR=WINDOW_RUNS,  # 40 halvings: any run of up to 2^40 rows
+    )
+    counts = end - begin
     scalars = (run0, step, nruns, routes.heads, routes.parts, grp.h0, nh, slots, routes.num_blocks, routes.subgroups,
-               scale * _LOG2E)
+               t0, scale * _LOG2E)
 
     def launch(config):
         bm, bn, warps, stages = config
         bn = math.gcd(bn, chunk)
         tile_ends = torch.cumsum(torch.div(counts + bm - 1, bm, rounding_mode="floor"), 0)
-        programs = -(-t * nh * slots // bm) + nruns  # at least the tiles there are; the rest exit at once
+        programs = -(-(t1 - t0) * nh * slots // bm) + nruns  # at least the tiles there are; the rest exit at once
         _forward_kernel[(programs,)](
-            q, *key_descriptors(k, v, bn), out, lse, routes.order, routes.run_start, tile_ends, block_starts,
+            q, *key_descriptors(k, v, bn), out, lse, routes.order, begin, end, tile_ends, block_starts,
             q.stride(0), q.stride(1), *scalars,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )
@@ -494,15 +530,18 @@ def place_rows(order: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, per_
         )
 
 
-def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, parts: int = 1) -> None:
+def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, parts: int = 1,
+               window: tuple[int, int] | None = None) -> None:
     """``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) of heads ``[h0, h0 + nh)`` of the row view
-    (real head ``h // parts``) merged in place with the grid ``routed_forward`` filled."""
+    (real head ``h // parts``) and the tokens of ``window`` (all: None) merged in place with the grid
+    ``routed_forward`` filled."""
     assert parts == 1 or nh == 1, "a head's parts merge one after the other"
     t, _, d = out.shape
+    t0, t1 = window or (0, t)
     assert lse.is_contiguous() and out.stride(2) == 1
-    _merge_kernel[(triton.cdiv(t * nh, MERGE_ROWS),)](
-        out, lse, grid_out, grid_lse, t, out.stride(0), out.stride(1), nh, h0, parts, slots, D=d, BR=MERGE_ROWS,
-        num_warps=4,
+    _merge_kernel[(triton.cdiv((t1 - t0) * nh, MERGE_ROWS),)](
+        out, lse, grid_out, grid_lse, t, t0, t1 - t0, out.stride(0), out.stride(1), nh, h0, parts, slots, D=d,
+        BR=MERGE_ROWS, num_warps=4,
     )
 
 

@@ -17,6 +17,8 @@ runs are then every ``subgroups``-th run. When even one head's state is over the
 budget (many slots at long lengths), its slots are split into ``parts``, each routed as a head of its
 own (a *virtual head* ``h * parts + p`` holding slots ``[p * width, (p + 1) * width)`` of head h),
 one virtual head a group: the merge is a log-sum-exp, so a head's parts merge one after the other.
+Below ``SLOT_PARTS_ABOVE_CHUNK`` keys a block the slots stay whole, and the fused forward takes the
+tokens in windows instead (``token_windows``).
 
 For the backends whose kernels take tiles (``pieces``): runs are cut into *tiles*, each attending one
 full block of C keys, and tiles are packed into *pieces*, one kernel call each, sized to a memory
@@ -37,6 +39,7 @@ KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times f
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs (launch, setup), in row x key products
 MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
+WINDOW_MIN_TOKENS = 64
 # Selections routed at once, per query and head: the selection, its sort keys and the sort's temporaries
 # take about 40 bytes a row, so 16 rows are a few times what the query, key and value themselves take and
 # the peak stays within a dense attention's few multiples of them. Every top-k up to 17 routes in one call.
@@ -179,6 +182,15 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
     else:
         per = max(d for d in range(1, group + 1) if group % d == 0 and d <= per)
     return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
+
+
+def token_windows(num_tokens: int, cells_per_token: int, head_dim: int) -> list[tuple[int, int]]:
+    """Token ranges ``(t0, t1)`` whose merge grid (``cells_per_token`` rows of ``head_dim`` a token: a
+    head group's heads x slots) fits the state budget; the fused forward attends and merges a head
+    group one window at a time. Its backward needs no grid, so the runs stay whole. A window holds at
+    least ``WINDOW_MIN_TOKENS``: each costs three kernel launches."""
+    per = max(WINDOW_MIN_TOKENS, STATE_BUDGET_ELEMENTS // max(1, cells_per_token * head_dim))
+    return [(t0, min(num_tokens, t0 + per)) for t0 in range(0, num_tokens, per)] or [(0, 0)]
 
 
 def slot_parts(num_tokens: int, slots: int, head_dim: int, chunk: int) -> int:
