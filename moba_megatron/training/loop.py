@@ -242,8 +242,11 @@ def train(args, model, optimizer, scheduler, data, valid, start: int, micro_batc
     validate = valid is not None and args.eval_iters > 0
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     iteration = start
+    full_from = args.moba_full_attn_from_iter
+    if full_from is not None and full_from > args.train_iters:  # a config's last phase, for longer runs
+        log(f" > --moba-full-attn-from-iter {full_from} is past --train-iters {args.train_iters}: no step runs "
+            "on full attention")
     for iteration in range(start + 1, args.train_iters + 1):
-        full_from = args.moba_full_attn_from_iter
         if full_from is not None and iteration == max(start + 1, full_from):
             switch_to_full_attention(model, iteration, log)
         model.zero_grad_buffer()

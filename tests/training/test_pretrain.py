@@ -252,11 +252,14 @@ def test_flags_turn_off_switches_a_config_turns_on():
 def test_key_conv_finetune_and_full_attention_phase(tmp_path):
     """--finetune adds the key convolution to a model trained without it, at the identity (the first
     step's loss is the plain model's); --moba-full-attn-from-iter switches every layer to full
-    attention at that iteration, and a run resumed past it stays there."""
+    attention at that iteration, and a run resumed past it stays there; one past --train-iters says
+    so."""
     base, run = str(tmp_path / "base"), str(tmp_path / "run")
     run_job(*SMALL, "--train-iters", "2", "--save", base, "--eval-iters", "0")
     tune = [*SMALL, "--load", base, "--finetune", "--eval-iters", "0", "--lr", "1e-3"]
-    plain = losses(run_job(*tune, "--train-iters", "1"))
+    plain_run = run_job(*tune, "--train-iters", "1", "--moba-full-attn-from-iter", "2")
+    assert "--moba-full-attn-from-iter 2 is past --train-iters 1: no step runs on full attention" in plain_run.stdout
+    plain = losses(plain_run)
     flags = ["--moba-key-conv", "3", "--moba-full-attn-from-iter", "3", "--train-iters", "4"]
     first = run_job(*tune, *flags, "--save", run, "--exit-interval", "3")
     assert losses(first)[1] == plain[1], (losses(first), plain)
