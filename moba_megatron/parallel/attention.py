@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.moba import routed
-from ..ops.moba.gating import block_key_sums, select_blocks
+from ..ops.moba.gating import block_key_sums, kv_head_selector, select_blocks
 from ..ops.moba.routing import route_rows, route_selection
 from ..ops.moba.validate import check_positive_int, check_qkv, check_scale
 from ..ops.varlen import get_backend
@@ -90,10 +90,11 @@ class MoBAContextParallelFunction(torch.autograd.Function):
             sums = gather_block_sums(block_key_sums(k, shard.local), shard, group)
             sent = sums.numel() // cp * sums.element_size() * (cp - 1)
             if mode == "allgather":
-                # The selection goes straight into the routing, which lets it go before its sort.
+                select = kv_head_selector(q, sums, shard, slots, fused=backend.triton_routes)
                 ctx.routes = route_selection(
-                    shard.gathered_blocks(select_blocks(q, sums, shard, slots, fused=backend.triton_routes)),
-                    shard.gathered.num_blocks, k.shape[1], q.shape[2], chunk,
+                    lambda kv0, kv1: shard.gathered_blocks(select(kv0, kv1)), num_tokens=q.shape[0],
+                    num_heads=q.shape[1], slots=slots, num_blocks=shard.gathered.num_blocks, num_kv_heads=k.shape[1],
+                    head_dim=q.shape[2], split_slots=not kernels.fused_backward, fused=backend.triton_routes,
                 )
                 if not (kernels.fused and kernels.fused_backward):
                     ctx.routes.start_host_copy()

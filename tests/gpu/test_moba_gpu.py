@@ -74,6 +74,15 @@ def test_routed_backward_modes(monkeypatch, min_chunk, lens, chunk, topk):
     check(lens, chunk, topk, 8, 2, 128, torch.bfloat16, "cudnn")
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "torch_flash"])
+@pytest.mark.parametrize("rows_a_query_head", [0, 3 * 2 * 7 / 8])  # a kv head a call; two calls of two
+def test_routing_a_few_kv_heads_at_a_time(monkeypatch, backend, rows_a_query_head):
+    from moba_megatron.ops.moba import routing
+
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", rows_a_query_head)
+    check([4096], 128, 8, 8, 4, 64, torch.bfloat16, backend)
+
+
 def test_head_dim_64_with_many_query_heads():
     check([5000], 256, 4, 12, 12, 64, torch.bfloat16, None)
 

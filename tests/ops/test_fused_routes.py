@@ -67,19 +67,35 @@ def test_block_sizes_and_top_k(lens, chunk, topk, hq, hkv, d):
 
 
 @pytest.mark.parametrize(
-    "topk,budget",
+    "topk,budget,rows_a_query_head",
     [
-        (3, 256 * 2 * 16),  # one head's state exactly: a group a head, each filled and merged alone
-        (6, 256 * 2 * 16),  # 5 slots over the budget: each head's slots in parts of 2, 2 and 1
-        (3, 1),  # a part a slot
+        (3, 256 * 2 * 16, 10**9),  # one head's state exactly: a group a head, each filled and merged alone
+        (6, 256 * 2 * 16, 0),  # 5 slots over the budget: parts of 2, 2 and 1 slots, or windows; a kv head a call
+        (3, 1, 0),  # a part a slot, or windows of 64 tokens
     ],
 )
-def test_head_groups_and_slot_parts(monkeypatch, topk, budget):
+def test_head_groups_and_slot_parts(monkeypatch, topk, budget, rows_a_query_head):
     from moba_megatron.ops.moba import routing
 
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", budget)
-    monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
-    check([192, 64], 32, topk, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", rows_a_query_head)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    check([192, 64], 32, topk, 4, 2, 16, dtype)  # the Triton backward: slots whole, the forward in windows
+    check([192, 64], 32, topk, 4, 2, 16, dtype, backend=FusedOnPaddedTorch(16))  # the tile backward: parts
+
+
+def test_forward_token_windows(monkeypatch):
+    """Under the Triton backward a head keeps its slots whole; where a head group's merge grid is over
+    the budget the fused forward takes its tokens in windows (here 3 of 128, 128 and 44 tokens, across
+    sequence boundaries), each attended and merged on its own."""
+    from moba_megatron.ops.moba import routed, routing
+
+    monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 128 * 2 * 16)  # 128 tokens of one head's 2 slots
+    seen = []
+    windows = routed.token_windows
+    monkeypatch.setattr(routed, "token_windows", lambda *args: seen.append(windows(*args)) or seen[-1])
+    check([150, 60, 90], 32, 3, 4, 2, 16, torch.float32 if DEVICE == "cpu" else torch.float16)
+    assert seen and all(w == [(0, 128), (128, 256), (256, 300)] for w in seen)
 
 
 def test_tile_backward_of_several_calls_per_head_group(monkeypatch):
@@ -89,6 +105,7 @@ def test_tile_backward_of_several_calls_per_head_group(monkeypatch):
 
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
     monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 4 * (8 + 2 * 32) * 16)
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", 0)  # a kv head's rows sorted at a time
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     check([192, 64], 32, 3, 4, 2, 16, dtype, backend=FusedOnPaddedTorch(8))
 

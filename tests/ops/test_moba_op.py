@@ -118,13 +118,15 @@ def test_ties_go_to_lower_block():
 
 
 def test_many_routes_and_tiles_match_one(monkeypatch):
-    """Small route and tile budgets split the work into many kernel calls; the result must not change."""
+    """Small route and tile budgets split the work into many kernel calls and the routing into a call a kv
+    head; the result must not change."""
     q, k, v, cu = make_qkv([70, 35], 8, 4, 16, seed=7)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8))
     fn = lambda a, b, c: moba_attn_varlen(a, b, c, cu, 70, 5, 4)  # noqa: E731
     out, grads = run_with_grads(fn, q, k, v, dout)
     monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 16)
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 16)
+    monkeypatch.setattr(routing, "ROUTING_ROWS_PER_QUERY_HEAD", 0)
     monkeypatch.setattr(gating, "_TILE_ELEMENTS", 64)
     out2, grads2 = run_with_grads(fn, q, k, v, dout)
     assert_close(out2, out, 1e-6, 1e-6, "out")

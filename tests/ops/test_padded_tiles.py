@@ -42,7 +42,6 @@ def test_padded_tiles_in_head_groups(monkeypatch, group):
 
     monkeypatch.setitem(BACKENDS, "padded_torch", PaddedTorch(4))
     monkeypatch.setattr(routing, "STATE_BUDGET_ELEMENTS", 1)
-    monkeypatch.setattr(routing, "SLOT_PARTS_ABOVE_CHUNK", 0)
     monkeypatch.setattr(routing, "PIECE_BUDGET_ELEMENTS", 6 * (4 + 2 * 5) * 8)  # calls of at most 4 tiles
     check_padded(group, seed=group)
 

@@ -19,7 +19,7 @@ import torch
 
 from ..varlen import VarlenBackend, get_backend
 from . import routed
-from .gating import block_key_sums, select_blocks
+from .gating import block_key_sums, kv_head_selector
 from .layout import BlockLayout, block_layout
 from .routing import route_selection
 from .validate import check_max_seqlen, check_positive_int, check_qkv, check_scale, host_cu_seqlens
@@ -34,10 +34,10 @@ class MoBAFunction(torch.autograd.Function):
         kernels = routed.Kernels.choose(backend, q, layout.chunk)
         routes = None
         if slots > 0:
-            # The selection goes straight into the routing, which lets it go before its sort.
-            routes = route_selection(select_blocks(q, block_key_sums(k, layout), layout, slots,
-                                                   fused=backend.triton_routes),
-                                     layout.num_blocks, k.shape[1], q.shape[-1], layout.chunk)
+            select = kv_head_selector(q, block_key_sums(k, layout), layout, slots, fused=backend.triton_routes)
+            routes = route_selection(select, num_tokens=q.shape[0], num_heads=q.shape[1], slots=slots,
+                                     num_blocks=layout.num_blocks, num_kv_heads=k.shape[1], head_dim=q.shape[-1],
+                                     split_slots=not kernels.fused_backward, fused=backend.triton_routes)
             if not (kernels.fused and kernels.fused_backward):
                 routes.start_host_copy()  # the tile calls need the run sizes on the host
         out, lse = backend.forward(q, k, v, layout.cu_blocks, layout.cu_blocks, mb, mb, True, scale)

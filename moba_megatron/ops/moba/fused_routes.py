@@ -53,8 +53,10 @@ _SMALL_BLOCKS = 256
 BACKWARD_CONFIGS_HEAD_DIM_64 = [(128, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 1)]
 BACKWARD_DQ_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 1)]
 MERGE_ROWS = 32
+WINDOW_RUNS = 128  # runs a program of the window search bounds
 GATHER_ROWS = 64
 FOLD_ROWS = 32
+PLACE_ROWS = 1024
 # Keys per program of the dK/dV fold, whose grid is only (key blocks, C / FOLD_KEYS): few keys a
 # program give the grid enough programs to fill the GPU.
 FOLD_KEYS = 16
@@ -91,31 +93,59 @@ def _find_run(tile_ends, nruns, p):
 
 
 @triton.jit
-def _tile_of_run(tile_ends, run_start, order, r, run, p, BM: tl.constexpr):
-    """Program ``p``'s rows: a tile of run ``run``, the ``r``-th run of ``tile_ends``. Returns the
-    rows' ids and which of the ``BM`` places hold one."""
+def _tile_of_run(tile_ends, begin, end, order, r, p, BM: tl.constexpr):
+    """Program ``p``'s rows: a tile of the ``r``-th run of ``tile_ends``, whose sorted rows are
+    ``[begin[r], end[r])``. Returns the rows' ids and which of the ``BM`` places hold one."""
     before = tl.load(tile_ends + r - 1, mask=r > 0, other=0)
-    row0 = tl.load(run_start + run) + (p - before) * BM
+    row0 = tl.load(begin + r) + (p - before) * BM
     offs = tl.arange(0, BM)
-    mask = row0 + offs < tl.load(run_start + run + 1)
+    mask = row0 + offs < tl.load(end + r)
     return tl.load(order + row0 + offs, mask=mask, other=0), mask
 
 
 @triton.jit
-def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_start,
-                    stride_qt, stride_qh, run0, nruns, heads, parts, h0, nh, slots, nb, per_kv,
+def _first_at_least(order, lo, hi, bound, cell_rows, STEPS: tl.constexpr):
+    """Of rows ``[lo, hi)`` of ``order`` (tokens ascending), the first whose token is at least ``bound``."""
+    for _ in range(STEPS):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        token = tl.load(order + mid, mask=open_, other=0) // cell_rows
+        lo = tl.where(open_ & (token < bound), mid + 1, lo)
+        hi = tl.where(open_ & (token >= bound), mid, hi)
+    return lo
+
+
+@triton.jit
+def _window_kernel(order, run_start, BEGIN, END, run0, run_step, nruns, t0, t1, cell_rows,
+                   STEPS: tl.constexpr, BR: tl.constexpr):
+    """``BEGIN[r], END[r]``: where the rows of the ``r``-th run (run ``run0 + r * run_step``) with a
+    token in ``[t0, t1)`` begin and end. A run's rows are in row order, so their tokens
+    (``row // cell_rows``) ascend."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    valid = r < nruns
+    run = run0 + r * run_step
+    first = tl.load(run_start + run, mask=valid, other=0)
+    last = tl.load(run_start + run + 1, mask=valid, other=0)
+    tl.store(BEGIN + r, _first_at_least(order, first, last, t0, cell_rows, STEPS), mask=valid)
+    tl.store(END + r, _first_at_least(order, first, last, t1, cell_rows, STEPS), mask=valid)
+
+
+@triton.jit
+def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, begin, end, tile_ends, block_start,
+                    stride_qt, stride_qh, run0, run_step, nruns, heads, parts, h0, nh, slots, nb, subgroups, t0,
                     scale_log2, CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     p = tl.program_id(0)
     r = _find_run(tile_ends, nruns, p)
     if r < nruns:
-        run = run0 + r
-        rid, mask = _tile_of_run(tile_ends, run_start, order, r, run, p, BM)
+        run = run0 + r * run_step
+        rid, mask = _tile_of_run(tile_ends, begin, end, order, r, p, BM)
         t, h, s = _row_place(rid, slots, heads)
         d = tl.arange(0, D)
         q = tl.load(Q + t[:, None] * stride_qt + (h // parts)[:, None] * stride_qh + d[None, :], mask=mask[:, None],
                     other=0.0)
-        col = (run // per_kv) * D  # the kv head's columns of K, V viewed as [Tk, Hkv * D]
-        key0 = tl.load(block_start + run % nb).to(tl.int32)
+        key_block = run // subgroups  # kv_head * nb + block
+        col = (key_block // nb) * D  # the kv head's columns of K, V viewed as [Tk, Hkv * D]
+        key0 = tl.load(block_start + key_block % nb).to(tl.int32)
         m = tl.full([BM], float("-inf"), tl.float32)
         l = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -129,7 +159,7 @@ def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, run_start, tile_ends, block_
             v = V_DESC.load([key0 + n0, col])
             acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
             m = m_new
-        g = (t * nh + h - h0) * slots + s  # the row's place in the head group's merge grid
+        g = ((t - t0) * nh + h - h0) * slots + s  # the row's place in the window's merge grid
         tl.store(O + g[:, None] * D + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=mask[:, None])
         tl.store(L + g, (m + tl.log2(l)) / 1.4426950408889634, mask=mask)
 
@@ -146,12 +176,10 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
     hkv = tl.num_programs(0) // nb
     kvh = tl.program_id(0) % hkv
     block = tl.program_id(0) // hkv
-    first_run = kvh * subgroups * nb + block
-    rows = tl.full([], 0, tl.int64)
-    for sub in range(subgroups):
-        run = first_run + sub * nb
-        rows += tl.load(run_start + run + 1) - tl.load(run_start + run)
-    if rows > 0:  # blocks nobody chose (partial last blocks among them) are left alone
+    first_run = (kvh * nb + block) * subgroups  # the block's runs are adjacent: one span of rows
+    start = tl.load(run_start + first_run)
+    end = tl.load(run_start + first_run + subgroups)
+    if end > start:  # blocks nobody chose (partial last blocks among them) are left alone
         d = tl.arange(0, D)
         keys = tl.load(block_start + block) + tl.program_id(1) * BN + tl.arange(0, BN)
         k = tl.load(K + keys[:, None] * stride_kt + kvh * stride_kh + d[None, :])
@@ -159,28 +187,25 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         offs = tl.arange(0, BM)
-        for sub in range(subgroups):
-            run = first_run + sub * nb
-            end = tl.load(run_start + run + 1)
-            for row0 in range(tl.load(run_start + run), end, BM):
-                mask = row0 + offs < end
-                rid = tl.load(order + row0 + offs, mask=mask, other=0)
-                t, h, _ = _row_place(rid, slots, heads)
-                h = h // parts
-                src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
-                q = tl.load(Q + src, mask=mask[:, None], other=0.0)
-                do = tl.load(DO + src, mask=mask[:, None], other=0.0)
-                lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
-                delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
-                prob = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None] * 1.4426950408889634)
-                prob = tl.where(mask[:, None], prob, 0.0)
-                dv += tl.dot(tl.trans(prob.to(do.dtype)), do)
-                ds = prob * (tl.dot(do, tl.trans(v)) - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-                if WITH_DQ:
-                    dq = tl.dot(ds.to(k.dtype), k) * scale
-                    tl.atomic_add(DQ + t[:, None] * stride_dqt + h[:, None] * stride_dqh + d[None, :], dq,
-                                  mask=mask[:, None], sem="relaxed")
+        for row0 in range(start, end, BM):
+            mask = row0 + offs < end
+            rid = tl.load(order + row0 + offs, mask=mask, other=0)
+            t, h, _ = _row_place(rid, slots, heads)
+            h = h // parts
+            src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
+            q = tl.load(Q + src, mask=mask[:, None], other=0.0)
+            do = tl.load(DO + src, mask=mask[:, None], other=0.0)
+            lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
+            delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
+            prob = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None] * 1.4426950408889634)
+            prob = tl.where(mask[:, None], prob, 0.0)
+            dv += tl.dot(tl.trans(prob.to(do.dtype)), do)
+            ds = prob * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if WITH_DQ:
+                dq = tl.dot(ds.to(k.dtype), k) * scale
+                tl.atomic_add(DQ + t[:, None] * stride_dqt + h[:, None] * stride_dqh + d[None, :], dq,
+                              mask=mask[:, None], sem="relaxed")
         dst = keys[:, None] * stride_dkt + kvh * stride_dkh + d[None, :]
         tl.store(DK + dst, (tl.load(DK + dst).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
         tl.store(DV + dst, (tl.load(DV + dst).to(tl.float32) + dv).to(DV.dtype.element_ty))
@@ -189,14 +214,14 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
 @triton.jit
 def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start, tile_ends, block_start,
                         stride_qt, stride_qh, stride_dqt, stride_dqh,
-                        nruns, num_tokens, heads, parts, slots, nb, per_kv, scale, scale_log2,
+                        nruns, num_tokens, heads, parts, slots, nb, subgroups, scale, scale_log2,
                         CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of a tile of up to ``BM`` rows of one run against its whole block (the backward of
     blocks too large for one program's keys): one atomic add per row element."""
     p = tl.program_id(0)
     run = _find_run(tile_ends, nruns, p)
     if run < nruns:
-        rid, mask = _tile_of_run(tile_ends, run_start, order, run, run, p, BM)
+        rid, mask = _tile_of_run(tile_ends, run_start, run_start + 1, order, run, p, BM)
         t, h, _ = _row_place(rid, slots, heads)
         h = h // parts
         d = tl.arange(0, D)
@@ -205,8 +230,9 @@ def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start,
         do = tl.load(DO + src, mask=mask[:, None], other=0.0)
         lse = tl.load(LSE + h * num_tokens + t, mask=mask, other=0.0)
         delta = tl.load(DELTA + h * num_tokens + t, mask=mask, other=0.0)
-        col = (run // per_kv) * D
-        key0 = tl.load(block_start + run % nb).to(tl.int32)
+        key_block = run // subgroups  # kv_head * nb + block
+        col = (key_block // nb) * D
+        key0 = tl.load(block_start + key_block % nb).to(tl.int32)
         dq = tl.zeros([BM, D], tl.float32)
         for n0 in range(0, CHUNK, BN):
             k = K_DESC.load([key0 + n0, col])
@@ -232,13 +258,14 @@ def _row_dot_kernel(A, B, OUT, cells, heads, num_tokens, stride_t, stride_h, D: 
 
 
 @triton.jit
-def _merge_kernel(OUT, LSE, GO, GL, T, stride_ot, stride_oh, nh, h0, parts, slots,
+def _merge_kernel(OUT, LSE, GO, GL, T, t0, nt, stride_ot, stride_oh, nh, h0, parts, slots,
                   D: tl.constexpr, BR: tl.constexpr):
-    """In place: each (token, head) cell's own-block out/LSE merged with its slots' partials.
-    Offsets are int64: a grid of all heads (context parallelism's routed exchange) passes 2^31."""
+    """In place: each (token, head) cell of tokens ``[t0, t0 + nt)``: its own-block out/LSE merged with
+    its slots' partials. Offsets are int64: a grid of all heads (context parallelism's routed
+    exchange) passes 2^31."""
     cells = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    mask = cells < T * nh
-    t = cells // nh
+    mask = cells < nt * nh
+    t = t0 + cells // nh
     h = (h0 + cells % nh) // parts
     d = tl.arange(0, D)
     out_ptr = OUT + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
@@ -357,6 +384,16 @@ def _fold_rows_kernel(DST, SRC, ROWS, offsets, cells, n, slots, stride_t, stride
     tl.store(dst, total.to(DST.dtype.element_ty), mask=mask[:, None])
 
 
+@triton.jit
+def _place_rows_kernel(ORDER, ROWS, BASE, n, per_token, token_stride, offset, BR: tl.constexpr):
+    """``ORDER[BASE + i] = r + r // per_token * token_stride + offset`` for ``r = ROWS[i]``."""
+    i = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mask = i < n
+    r = tl.load(ROWS + i, mask=mask, other=0)
+    rid = r + r // per_token * token_stride + offset
+    tl.store(ORDER + tl.load(BASE) + i, rid.to(ORDER.dtype.element_ty), mask=mask)
+
+
 def _launch(key, configs, launch):
     """Run ``launch(config)`` with the first configuration this GPU can hold, and remember it."""
     for config in [_config_in_use[key]] if key in _config_in_use else configs:
@@ -382,39 +419,37 @@ def key_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
     return descs
 
 
-def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float):
-    """Partial output and LSE of every row of head group ``grp`` (``routing.HeadGroup``), in merge-grid
-    layout: ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare).
-    Where a slot is unused its LSE is -inf and its output row uninitialised. ``q [T, Hq, D]``: the
-    real heads of the row view's ``routes.heads`` (``routes.parts`` a head)."""
-    t, _, d = q.shape
+def routed_forward(q, k, v, routes, grp, block_starts, chunk: int, scale: float, window: tuple[int, int]):
+    """Partial output and LSE of the rows of head group ``grp`` (``routing.HeadGroup``) whose token lies
+    in ``window = (t0, t1)``, in merge-grid layout: ``[(t1 - t0) * nh * slots + 1, D]`` and
+    ``[(t1 - t0) * nh * slots + 1]`` fp32 (the last row is spare). Where a slot is unused its LSE is
+    -inf and its output row uninitialised. ``q [T, Hq, D]``: the real heads of the row view's
+    ``routes.heads`` (``routes.parts`` a head)."""
+    d = q.shape[-1]
+    t0, t1 = window
     nh, slots = grp.h1 - grp.h0, routes.slots
-    out = q.new_empty(t * nh * slots + 1, d)  # only the rows' places are written: read them by LSE
+    out = q.new_empty((t1 - t0) * nh * slots + 1, d)  # only the rows' places are written: read them by LSE
     lse = torch.full((out.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
-    nruns = grp.run1 - grp.run0
-    if nruns == 0 or routes.order.numel() == 0:
+    nruns, step, run0 = grp.num_runs, grp.run_step, grp.run0
+    if nruns == 0 or routes.order.numel() == 0 or t1 == t0:
         return out, lse
-    counts = routes.run_start[grp.run0 + 1 : grp.run1 + 1] - routes.run_start[grp.run0 : grp.run1]
-    scalars = (
-        grp.run0,
-        nruns,
-        routes.heads,
-        routes.parts,
-        grp.h0,
-        nh,
-        slots,
-        routes.num_blocks,
-        routes.subgroups * routes.num_blocks,
-        scale * _LOG2E,
+    begin = torch.empty(nruns, dtype=torch.int64, device=q.device)
+    end = torch.empty_like(begin)
+    _window_kernel[(triton.cdiv(nruns, WINDOW_RUNS),)](
+        routes.order, routes.run_start, begin, end, run0, step, nruns, t0, t1, routes.heads * slots,
+        STEPS=40, BR=WINDOW_RUNS,  # 40 halvings: any run of up to 2^40 rows
     )
+    counts = end - begin
+    scalars = (run0, step, nruns, routes.heads, routes.parts, grp.h0, nh, slots, routes.num_blocks, routes.subgroups,
+               t0, scale * _LOG2E)
 
     def launch(config):
         bm, bn, warps, stages = config
         bn = math.gcd(bn, chunk)
         tile_ends = torch.cumsum(torch.div(counts + bm - 1, bm, rounding_mode="floor"), 0)
-        programs = -(-t * nh * slots // bm) + nruns  # at least the tiles there are; the rest exit at once
+        programs = -(-(t1 - t0) * nh * slots // bm) + nruns  # at least the tiles there are; the rest exit at once
         _forward_kernel[(programs,)](
-            q, *key_descriptors(k, v, bn), out, lse, routes.order, routes.run_start, tile_ends, block_starts,
+            q, *key_descriptors(k, v, bn), out, lse, routes.order, begin, end, tile_ends, block_starts,
             q.stride(0), q.stride(1), *scalars,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )
@@ -478,7 +513,7 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         _backward_dq_kernel[(programs,)](
             q, *key_descriptors(k, v, bn), dout, lse, delta, dq, routes.order, routes.run_start, tile_ends,
             block_starts, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
-            routes.num_runs, t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups * nb, scale,
+            routes.num_runs, t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups, scale,
             scale * _LOG2E,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )
@@ -486,15 +521,27 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
     _launch(("backward_dq", q.device, q.dtype, d, chunk), BACKWARD_DQ_CONFIGS, launch_dq)
 
 
-def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, parts: int = 1) -> None:
+def place_rows(order: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, per_token: int, token_stride: int,
+               offset: int) -> None:
+    """``routing.place_rows`` in one pass (reads the sort's int64 rows once, writes the order once)."""
+    if rows.numel():
+        _place_rows_kernel[(triton.cdiv(rows.numel(), PLACE_ROWS),)](
+            order, rows, base, rows.numel(), per_token, token_stride, offset, BR=PLACE_ROWS, num_warps=4
+        )
+
+
+def merge_into(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, parts: int = 1,
+               window: tuple[int, int] | None = None) -> None:
     """``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) of heads ``[h0, h0 + nh)`` of the row view
-    (real head ``h // parts``) merged in place with the grid ``routed_forward`` filled."""
+    (real head ``h // parts``) and the tokens of ``window`` (all: None) merged in place with the grid
+    ``routed_forward`` filled."""
     assert parts == 1 or nh == 1, "a head's parts merge one after the other"
     t, _, d = out.shape
+    t0, t1 = window or (0, t)
     assert lse.is_contiguous() and out.stride(2) == 1
-    _merge_kernel[(triton.cdiv(t * nh, MERGE_ROWS),)](
-        out, lse, grid_out, grid_lse, t, out.stride(0), out.stride(1), nh, h0, parts, slots, D=d, BR=MERGE_ROWS,
-        num_warps=4,
+    _merge_kernel[(triton.cdiv((t1 - t0) * nh, MERGE_ROWS),)](
+        out, lse, grid_out, grid_lse, t, t0, t1 - t0, out.stride(0), out.stride(1), nh, h0, parts, slots, D=d,
+        BR=MERGE_ROWS, num_warps=4,
     )
 
 

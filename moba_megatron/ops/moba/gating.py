@@ -92,7 +92,7 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
         lo, hi = layout.candidate_range(t0, t1)
         if hi <= lo:
             continue
-        qt = q[t0:t1].float().view(t1 - t0, hkv, hq // hkv, d)
+        qt = q[t0:t1].float().reshape(t1 - t0, hkv, hq // hkv, d)
         scores = torch.einsum("thgd,bhd->thgb", qt, block_sums[lo:hi]).reshape(t1 - t0, hq, hi - lo)
         ids = torch.arange(lo, hi, device=q.device)
         own = layout.token_block[t0:t1, None]
@@ -105,6 +105,17 @@ def select_blocks(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selecte
         sel[t0:t1, :, :n] = torch.where(chosen == _NO_BLOCK, -1, chosen).to(torch.int32)
     return sel
 
+
+def kv_head_selector(q: torch.Tensor, block_sums: torch.Tensor, layout, num_selected: int, *, fused: bool = False):
+    """``select(kv0, kv1)``: ``select_blocks`` of the query heads of kv heads ``[kv0, kv1)``, ``[T, heads,
+    num_selected]`` (``routing.route_selection`` routes a few kv heads at a time)."""
+    group = q.shape[1] // block_sums.shape[1]
+
+    def select(kv0: int, kv1: int) -> torch.Tensor:
+        return select_blocks(q[:, kv0 * group : kv1 * group], block_sums[:, kv0:kv1], layout, num_selected,
+                             fused=fused)
+
+    return select
 
 
 def _fused_gate_supports(q: torch.Tensor, num_selected: int, max_candidates: int) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import BlockLayout
-from .routing import HeadGroup, Routes
+from .routing import HeadGroup, Routes, token_windows
 
 _MERGE_TILE_ELEMENTS = 1 << 26
 
@@ -124,15 +124,19 @@ def _grid_places(routes: Routes, grp: HeadGroup, tok, head, slot, valid):
     return dst if valid is None else torch.where(valid, dst, routes.num_tokens * nh * slots)
 
 
-def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, backend, kernels: Kernels):
+def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, backend, kernels: Kernels,
+           window: tuple[int, int] | None = None):
     """Partial output and LSE of head group ``grp``'s rows, in merge-grid layout
-    ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare)."""
+    ``[T * nh * slots + 1, D]`` and ``[T * nh * slots + 1]`` fp32 (the last row is spare); with a
+    ``window (t0, t1)`` (the fused kernels only), of its rows of those tokens, ``T`` then ``t1 - t0``."""
     t, _, d = q.shape
     layout, nh, slots = keys.layout, grp.h1 - grp.h0, routes.slots
     if kernels.fused:
         from .fused_routes import routed_forward
 
-        return routed_forward(q, keys.k, keys.v, routes, grp, layout.block_starts_dev, layout.chunk, scale)
+        return routed_forward(q, keys.k, keys.v, routes, grp, layout.block_starts_dev, layout.chunk, scale,
+                              window or (0, t))
+    assert window is None or window == (0, t), "token windows are the fused forward's"
     kb, vb = keys.block_major
     grid_out = q.new_zeros(t * nh * slots + 1, d)
     grid_lse = torch.full((grid_out.shape[0],), float("-inf"), device=q.device)
@@ -149,26 +153,32 @@ def attend(q, routes: Routes, grp: HeadGroup, keys: KeyBlocks, scale: float, bac
     return grid_out, grid_lse
 
 
-def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: bool, parts: int = 1) -> None:
+def merge(out, lse, h0: int, nh: int, grid_out, grid_lse, slots: int, fused: bool, parts: int = 1,
+          window: tuple[int, int] | None = None) -> None:
     """In place: heads ``[h0, h0 + nh)`` of the row view (real head ``h // parts``; a part of one head
     where ``parts > 1``) of ``out [T, Hq, D]``, ``lse [Hq, T]`` merged with a grid of ``[T, nh, slots]``
-    partials."""
+    partials (``[t1 - t0, nh, slots]`` of the tokens of a ``window``, fused only)."""
     if fused:
         from .fused_routes import merge_into
 
-        merge_into(out, lse, h0, nh, grid_out, grid_lse, slots, parts)
+        merge_into(out, lse, h0, nh, grid_out, grid_lse, slots, parts, window)
     else:
+        assert window is None or window == (0, out.shape[0]), "token windows are the fused forward's"
         assert parts == 1 or nh == 1, "a head's parts merge one after the other"
         heads = slice(h0 // parts, h0 // parts + nh)
         out[:, heads], lse[heads] = merge_partials(out[:, heads], lse[heads], grid_out, grid_lse)
 
 
 def forward(q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, backend, kernels: Kernels) -> None:
-    """Merges the routed partials into ``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) in place."""
+    """Merges the routed partials into ``out [T, Hq, D]`` and ``lse [Hq, T]`` (contiguous) in place. The
+    fused kernels take a head group's tokens in windows whose merge grid fits the state budget."""
+    t, _, d = q.shape
     for grp in routes.groups:
-        grid_out, grid_lse = attend(q, routes, grp, keys, scale, backend, kernels)
-        merge(out, lse, grp.h0, grp.h1 - grp.h0, grid_out, grid_lse, routes.slots, kernels.fused, routes.parts)
-        del grid_out, grid_lse
+        nh = grp.h1 - grp.h0
+        for window in token_windows(t, nh * routes.slots, d) if kernels.fused else [None]:
+            grid_out, grid_lse = attend(q, routes, grp, keys, scale, backend, kernels, window)
+            merge(out, lse, grp.h0, nh, grid_out, grid_lse, routes.slots, kernels.fused, routes.parts, window)
+            del grid_out, grid_lse
 
 
 def plan_backward(routes: Routes, chunk: int, head_dim: int, kernels: Kernels) -> None:
@@ -193,7 +203,6 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         routed_backward(dout, q, keys.k, keys.v, out, lse, routes, layout.block_starts_dev, layout.chunk, scale,
                         dq, dk, dv)
         return
-    per_kv = routes.subgroups * layout.num_blocks
     if kernels.fused:
         from .fused_routes import fold_into, fold_key_tiles, fold_rows, gather_key_tiles, gather_tile_rows, row_sources
     else:
@@ -202,12 +211,12 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
     t, slots = q.shape[0], routes.slots
     dkv, kv0 = None, 0  # fp32 token-major dK, dV of kv heads [kv0, ...) until they are complete
     for grp, pieces in zip(routes.groups, routes.pieces(kernels.tile_width, layout.chunk, d)):
-        kv1 = -(-grp.run1 // per_kv)
+        first_kv, kv1, starts, completes = routes.kv_heads_of(grp)
         # The Triton path sums a head group's key tiles straight into dk, dv where the group holds every
         # run of its kv heads; else into fp32 accumulators until the kv heads' last group.
-        direct = kernels.fused and dkv is None and grp.run0 % per_kv == 0 and grp.run1 % per_kv == 0
+        direct = kernels.fused and dkv is None and starts and completes
         if dkv is None and not direct:
-            kv0 = grp.run0 // per_kv
+            kv0 = first_kv
             dkv = torch.zeros(2, layout.num_tokens, kv1 - kv0, d, dtype=torch.float32, device=q.device)
         # Each row's dq is summed into dq once its head group is done, in fp32 (no fp32 atomics into a
         # [T, heads, D] accumulator, which contend and must be zero-filled). The Triton path reads
@@ -255,7 +264,7 @@ def backward(dout, q, out, lse, routes: Routes, keys: KeyBlocks, scale: float, b
         else:
             fold_into(dq[:, routes.real_heads(grp)], grid_dq[:-1].view(t, nh, slots, d))
             del grid_dq
-        if dkv is not None and grp.run1 % per_kv == 0:  # the kv heads' last runs are done
+        if dkv is not None and completes:  # the kv heads' last runs are done
             fold_into(dk[:, kv0:kv1], dkv[0].unsqueeze(2))
             fold_into(dv[:, kv0:kv1], dkv[1].unsqueeze(2))
             dkv = None

@@ -4,15 +4,24 @@ Every selection (cell, slot) is a *row*, numbered ``r = cell * slots + slot``; a
 ``t * heads + h`` of a ``[T, heads]`` grid of queries (one device: every query head; context
 parallelism's routed exchange: the received rows as ``T`` cells of one head and one slot). Rows are
 sorted into *runs*, one per (kv head, head subgroup, key block), so the rows that attend one block
-of one kv head are consecutive. One sort on the device does it, and ``run_start`` (on the device)
-bounds the runs; the Triton kernels (fused_routes.py) launch from that alone.
+of one kv head are consecutive, and the runs of one block of one kv head are adjacent (``run_start``
+bounds them all at once). Sorts on the device do it, a few kv heads at a time (the gate's selection
+of those heads, their sort keys and the sort's temporaries then stay within
+``ROUTING_ROWS_PER_QUERY_HEAD`` rows a query and head, whatever the top-k), each call's runs placed
+right after the last call's; ``run_start`` (on the device) bounds the runs. The Triton kernels
+(fused_routes.py) launch from that alone.
 
 Heads are processed in groups so the per-slot merge state stays bounded (``head_groups``). When one
-kv head's query heads must be split, each part gets runs of its own (a *subgroup*), so every head
-group's rows are one contiguous span of the sorted rows. When even one head's state is over the
-budget (many slots at long lengths), its slots are split into ``parts``, each routed as a head of its
-own (a *virtual head* ``h * parts + p`` holding slots ``[p * width, (p + 1) * width)`` of head h),
-one virtual head a group: the merge is a log-sum-exp, so a head's parts merge one after the other.
+kv head's query heads must be split, each part gets runs of its own (a *subgroup*); a head group's
+runs are then every ``subgroups``-th run. When even one head's state is over the budget (many slots
+at long lengths), it is bounded in one of two ways, by what the backward keeps:
+
+- the Triton backward keeps no per-slot state, so the slots stay whole and the fused forward takes
+  the tokens in windows (``token_windows``), each attended and merged on its own;
+- the tile backward and the PyTorch path keep a per-slot dq grid too, so there (``split_slots``) the
+  slots are split into ``parts``, each routed as a head of its own (a *virtual head* ``h * parts + p``
+  holding slots ``[p * width, (p + 1) * width)`` of head h), one virtual head a group: the merge is a
+  log-sum-exp, so a head's parts merge one after the other.
 
 For the backends whose kernels take tiles (``pieces``): runs are cut into *tiles*, each attending one
 full block of C keys, and tiles are packed into *pieces*, one kernel call each, sized to a memory
@@ -33,18 +42,23 @@ KEYS_PER_CTA = 128  # keys of a tile per CTA of cuDNN's backward, as its times f
 CALL_OVERHEAD = 1 << 24  # a tile call's fixed costs (launch, setup), in row x key products
 MODEL_SMS = 132  # multiprocessors plan_calls assumes off CUDA (an H200's): CPU tests see the GPU's plans
 STATE_BUDGET_ELEMENTS = 1 << 28  # per-slot partial results ([T, heads, slots, D]) per head group
-# Slots are split into parts only for blocks above this: the Triton backward of smaller blocks walks
-# a block's runs of every part in one program and ran 3.7x slower with 24 parts than with one (H100,
-# 128K / 128 / 384); blocks of 512 and 1024 keys ran faster with parts (benchmarks/RESULTS.md).
-SLOT_PARTS_ABOVE_CHUNK = 256
+WINDOW_MIN_TOKENS = 64
+# Selections routed at once, per query and head: the selection, its sort keys and the sort's temporaries
+# take about 40 bytes a row, so 16 rows are a few times what the query, key and value themselves take and
+# the peak stays within a dense attention's few multiples of them. Every top-k up to 17 routes in one call.
+ROUTING_ROWS_PER_QUERY_HEAD = 16
 
 
 @dataclass(frozen=True)
 class HeadGroup:
     h0: int  # heads [h0, h1) of the row view
     h1: int
-    run0: int  # its runs [run0, run1)
-    run1: int
+    run0: int  # its runs: run0 + i * run_step for i < num_runs
+    num_runs: int
+    run_step: int
+
+    def runs(self) -> range:
+        return range(self.run0, self.run0 + self.num_runs * self.run_step, self.run_step)
 
 
 @dataclass(frozen=True)
@@ -88,24 +102,17 @@ def run_id_dtype(num_runs: int) -> torch.dtype:
 class Routes:
     """Rows sorted into runs. ``heads`` counts the row view's heads, virtual where a head's slots are
     split into ``parts`` (the real head of virtual head h is ``h // parts``).
-    ``order [rows]``: the row id at each sorted place, the runs' rows first
-    (unused slots after them), int32 where every row id fits (the kernels divide them: int64 division
-    is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]`` int64 on the
-    device: where each run begins. Run ``((kv_head * subgroups) + sub) * num_blocks + block``.
-    ``keys [rows]``: each row's run (``num_runs`` for unused slots), any integer dtype; it is sorted as
-    ``run_id_dtype``."""
+    ``order [rows]``: the row id at each sorted place, the runs' rows first (what follows them is
+    unspecified: unused slots, or nothing), int32 where every row id fits (the kernels divide them:
+    int64 division is slow, and the order is the largest thing the op keeps); ``run_start [runs + 1]``
+    int64 on the device: where each run begins. Run ``(kv_head * num_blocks + block) * subgroups + sub``."""
 
-    def __init__(self, keys: torch.Tensor, *, num_tokens: int, heads: int, slots: int, kv_heads: int,
-                 subgroups: int, num_blocks: int, groups: list[HeadGroup], parts: int = 1):
+    def __init__(self, order: torch.Tensor, run_start: torch.Tensor, *, num_tokens: int, heads: int, slots: int,
+                 kv_heads: int, subgroups: int, num_blocks: int, groups: list[HeadGroup], parts: int = 1):
         self.num_tokens, self.heads, self.slots, self.parts = num_tokens, heads, slots, parts
         self.kv_heads, self.subgroups, self.num_blocks, self.groups = kv_heads, subgroups, num_blocks, groups
         self.num_runs = kv_heads * subgroups * num_blocks
-        sorted_keys, order = torch.sort(keys.to(run_id_dtype(self.num_runs)), stable=True)
-        self.order = order.to(torch.int32) if order.numel() < 2**31 else order
-        del order
-        bounds = torch.arange(self.num_runs + 1, device=keys.device, dtype=sorted_keys.dtype)
-        self.run_start = torch.searchsorted(sorted_keys, bounds)
-        del sorted_keys
+        self.order, self.run_start = order, run_start
         self._host = None
         self._pieces: dict = {}
 
@@ -138,8 +145,15 @@ class Routes:
 
     def run_key_block(self, run: int) -> int:
         """``kv_head * num_blocks + block`` of a run: the tile of keys it attends."""
-        kvh, rest = divmod(run, self.subgroups * self.num_blocks)
-        return kvh * self.num_blocks + rest % self.num_blocks
+        return run // self.subgroups
+
+    def kv_heads_of(self, grp: HeadGroup) -> tuple[int, int, bool, bool]:
+        """The kv heads ``[kv0, kv1)`` head group ``grp`` attends, whether it is their first group and
+        whether it is their last (their gradients are then complete)."""
+        per_kv = self.num_blocks * self.subgroups
+        last = grp.run0 + (grp.num_runs - 1) * grp.run_step
+        sub = grp.run0 % self.subgroups
+        return grp.run0 // per_kv, last // per_kv + 1, sub == 0, sub == self.subgroups - 1
 
     def pieces(self, tile_width: int | None, chunk: int, head_dim: int) -> list[list[Piece]]:
         """The kernel calls of each head group's runs (reads the run bounds on the host)."""
@@ -150,7 +164,7 @@ class Routes:
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else MODEL_SMS
             self._pieces[key] = [
                 pack_tiles(
-                    ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in range(g.run0, g.run1)),
+                    ((start[r], start[r + 1] - start[r], self.run_key_block(r)) for r in g.runs()),
                     tile_width, chunk, head_dim, device, sms,
                 )
                 for g in self.groups
@@ -169,54 +183,149 @@ def head_groups(num_heads: int, group: int, cell_elements: int) -> list[tuple[in
     return [(h, min(h + per, num_heads)) for h in range(0, num_heads, per)]
 
 
-def slot_parts(num_tokens: int, slots: int, head_dim: int, chunk: int) -> int:
-    """Into how many parts one head's slots are split so each part's state fits the budget (blocks of
-    ``chunk`` keys above ``SLOT_PARTS_ABOVE_CHUNK``; else one)."""
-    state = num_tokens * slots * head_dim
-    if state <= STATE_BUDGET_ELEMENTS or chunk <= SLOT_PARTS_ABOVE_CHUNK:
+def token_windows(num_tokens: int, cells_per_token: int, head_dim: int) -> list[tuple[int, int]]:
+    """Token ranges ``(t0, t1)`` whose merge grid (``cells_per_token`` rows of ``head_dim`` a token: a
+    head group's heads x slots) fits the state budget; the fused forward attends and merges a head
+    group one window at a time. Its backward needs no grid, so the slots stay whole. A window holds at
+    least ``WINDOW_MIN_TOKENS``: each costs three kernel launches."""
+    per = max(WINDOW_MIN_TOKENS, STATE_BUDGET_ELEMENTS // max(1, cells_per_token * head_dim))
+    return [(t0, min(num_tokens, t0 + per)) for t0 in range(0, num_tokens, per)] or [(0, 0)]
+
+
+def slot_parts(num_tokens: int, slots: int, head_dim: int) -> int:
+    """Into how many parts one head's slots are split so each part's state fits the budget."""
+    if num_tokens * slots * head_dim <= STATE_BUDGET_ELEMENTS:
         return 1
     width = max(1, STATE_BUDGET_ELEMENTS // (num_tokens * head_dim))
     return -(-slots // width)
 
 
-def route_selection(sel: torch.Tensor, num_blocks: int, num_kv_heads: int, head_dim: int, chunk: int) -> Routes:
-    """``sel [T, Hq, slots]`` block ids (-1: unused slot) of blocks of ``chunk`` keys -> the rows sorted
-    into runs, in head groups sized to the state budget. Nothing is read on the host."""
-    t, hq, slots = sel.shape
-    parts = slot_parts(t, slots, head_dim, chunk)
+def sort_rows(keys: torch.Tensor, run0: int, run1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys [n]`` (run ids in ``[run0, run1)``, or anything at least ``run1`` for rows in no run) -> the
+    rows' indices sorted by run (int64; stable, so in index order within a run) and where runs
+    ``run0 .. run1`` begin among them (``[run1 - run0 + 1]`` int64)."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    bounds = torch.arange(run0, run1 + 1, device=keys.device, dtype=sorted_keys.dtype)
+    return order, torch.searchsorted(sorted_keys, bounds)
+
+
+def place_rows(order: torch.Tensor, rows: torch.Tensor, base: torch.Tensor, per_token: int, token_stride: int,
+               offset: int, *, fused: bool = False) -> None:
+    """``order[base + i] = r + r // per_token * token_stride + offset`` for each ``r = rows[i]`` (consumed):
+    a routing call's sorted rows, renumbered from its heads to every head, placed right after the
+    previous call's runs (its unused rows, last, are overwritten by the next call's or left past the
+    runs). ``base`` is on the device, so the host need not wait for it. ``fused``: in one Triton pass."""
+    if fused:
+        from .fused_routes import place_rows as place_rows_fused
+
+        place_rows_fused(order, rows, base, per_token, token_stride, offset)
+        return
+    tok = torch.div(rows, per_token, rounding_mode="floor")
+    rows.add_(tok, alpha=token_stride).add_(offset)
+    del tok
+    order.index_copy_(0, torch.arange(rows.numel(), device=rows.device).add_(base), rows.to(order.dtype))
+
+
+@dataclass(frozen=True)
+class RowView:
+    """How a selection's rows are numbered and grouped: ``heads`` (virtual where a head's slots are split
+    into ``parts`` of ``slots`` each), ``subgroups`` of each kv head's query heads, each (virtual) head's
+    run of block 0 (``first_run``), and the head groups."""
+
+    parts: int
+    heads: int
+    slots: int  # a (virtual) head's slots
+    subgroups: int
+    first_run: torch.Tensor  # [heads] int64, on the host
+    groups: list[HeadGroup]
+
+
+def row_view(num_tokens: int, num_heads: int, slots: int, num_blocks: int, num_kv_heads: int, head_dim: int,
+             split_slots: bool) -> RowView:
+    """The rows' numbering and head groups, sized to the state budget (``split_slots``: a head over it
+    has its slots split into parts)."""
+    parts = slot_parts(num_tokens, slots, head_dim) if split_slots else 1
     if parts > 1:  # virtual heads of ``width`` slots each, the last padded with unused slots
-        width = -(-slots // parts)
-        if parts * width > slots:
-            sel = torch.nn.functional.pad(sel, (0, parts * width - slots), value=-1)
-        hq, slots = hq * parts, width
-        sel = sel.view(t, hq, slots)
+        hq, slots = num_heads * parts, -(-slots // parts)
         ranges = [(h, h + 1) for h in range(hq)]
     else:
-        ranges = head_groups(hq, hq // num_kv_heads, t * slots * head_dim)
+        hq = num_heads
+        ranges = head_groups(hq, hq // num_kv_heads, num_tokens * slots * head_dim)
     group = hq // num_kv_heads
     per = ranges[0][1] - ranges[0][0]
     subgroups = group // per if per < group else 1
     heads = torch.arange(hq)
-    first_run = ((heads // group) * subgroups + (heads % group) // per % subgroups) * num_blocks
-    nruns = num_kv_heads * subgroups * num_blocks
-    groups = [HeadGroup(h0, h1, int(first_run[h0]), int(first_run[h1 - 1]) + num_blocks) for h0, h1 in ranges]
-    # The keys are built in the sort's narrow dtype, and ``sel`` let go before the sort: at many slots
-    # these are the op's largest temporaries.
+    first_run = (heads // group) * num_blocks * subgroups + (heads % group) // per % subgroups
+    if subgroups == 1:  # groups of whole kv heads: their runs are consecutive
+        groups = [HeadGroup(h0, h1, int(first_run[h0]), (h1 - h0) // group * num_blocks, 1) for h0, h1 in ranges]
+    else:  # a group a subgroup of one kv head: every subgroups-th run
+        groups = [HeadGroup(h0, h1, int(first_run[h0]), num_blocks, subgroups) for h0, h1 in ranges]
+    return RowView(parts, hq, slots, subgroups, first_run, groups)
+
+
+def route_selection(select, *, num_tokens: int, num_heads: int, slots: int, num_blocks: int, num_kv_heads: int,
+                    head_dim: int, split_slots: bool, fused: bool = False) -> Routes:
+    """Block selections -> the rows sorted into runs, in head groups sized to the state budget. Nothing
+    is read on the host.
+
+    ``select(kv0, kv1)`` gives the selections of the query heads of kv heads ``[kv0, kv1)``: ``[T, heads,
+    slots]`` block ids (-1: unused slot). It is called for a few kv heads at a time, each call's rows
+    sorted on their own (``ROUTING_ROWS_PER_QUERY_HEAD``): the selection, its sort keys and the sort's
+    temporaries then stay bounded whatever the top-k; only the order is as long as every row.
+    ``split_slots``: a head whose state is over the budget has its slots split into parts (where the
+    backward keeps per-slot state: not the Triton backward, see the module's docstring). ``fused``:
+    renumber the calls' rows in Triton (``place_rows``)."""
+    t = num_tokens
+    view = row_view(t, num_heads, slots, num_blocks, num_kv_heads, head_dim, split_slots)
+    hq, vslots, subgroups = view.heads, view.slots, view.subgroups
+    group = hq // num_kv_heads
+    runs_per_kv = subgroups * num_blocks
+    nruns = num_kv_heads * runs_per_kv
+    order_dtype = torch.int32 if t * hq * vslots < 2**31 else torch.int64
     narrow = run_id_dtype(nruns)
-    keys = sel.to(narrow)
-    keys += first_run.to(sel.device, narrow, non_blocking=True).view(1, hq, 1)
-    keys.masked_fill_(sel < 0, nruns)
-    del sel  # the caller's reference goes with the call (route_selection(select_blocks(...)))
-    return Routes(keys.view(-1), num_tokens=t, heads=hq, slots=slots, kv_heads=num_kv_heads, subgroups=subgroups,
-                  num_blocks=num_blocks, groups=groups, parts=parts)
+    budget = round(ROUTING_ROWS_PER_QUERY_HEAD * t * num_heads)
+    calls = -(-num_kv_heads // max(1, budget // max(1, t * group * vslots)))
+    kv_per_call = -(-num_kv_heads // calls)  # as even as whole kv heads allow
+    order = run_start = base = None
+    for kv0 in range(0, num_kv_heads, kv_per_call):
+        kv1 = min(num_kv_heads, kv0 + kv_per_call)
+        h0, h1 = kv0 * group, kv1 * group  # the call's (virtual) heads
+        sel = select(kv0, kv1)
+        if view.parts > 1:
+            sel = torch.nn.functional.pad(sel, (0, view.parts * vslots - slots), value=-1).view(t, h1 - h0, vslots)
+        # The keys are built in the sort's narrow dtype, and ``sel`` let go before the sort.
+        keys = sel.to(narrow)
+        keys *= subgroups
+        keys += view.first_run[h0:h1].to(sel.device, narrow, non_blocking=True).view(1, h1 - h0, 1)
+        keys.masked_fill_(sel < 0, nruns)
+        del sel
+        rows, bounds = sort_rows(keys.view(-1), kv0 * runs_per_kv, kv1 * runs_per_kv)
+        del keys
+        if kv0 == 0 and kv1 == num_kv_heads:  # one call: its rows are every row, in place
+            order, run_start = rows.to(order_dtype), bounds
+            break
+        if order is None:
+            order = torch.empty(t * hq * vslots, dtype=order_dtype, device=rows.device)
+            run_start = torch.empty(nruns + 1, dtype=torch.int64, device=rows.device)
+            base = torch.zeros((), dtype=torch.int64, device=rows.device)
+        # The call's rows are numbered in its [T, h1 - h0, vslots]; in the whole [T, hq, vslots] a token's
+        # rows lie (hq - h1 + h0) * vslots further on each token, and h0 * vslots further on.
+        place_rows(order, rows, base, (h1 - h0) * vslots, (hq - h1 + h0) * vslots, h0 * vslots, fused=fused)
+        del rows
+        run_start[kv0 * runs_per_kv : kv1 * runs_per_kv + 1] = bounds + base
+        base = run_start[kv1 * runs_per_kv].clone()
+    return Routes(order, run_start, num_tokens=t, heads=hq, slots=vslots, kv_heads=num_kv_heads,
+                  subgroups=subgroups, num_blocks=num_blocks, groups=view.groups, parts=view.parts)
 
 
 def route_rows(keys: torch.Tensor, num_kv_heads: int, num_blocks: int) -> Routes:
     """Loose rows, ``keys [n]`` = ``kv_head * num_blocks + block`` each: ``n`` cells of one head and
     one slot, in one head group."""
     nruns = num_kv_heads * num_blocks
-    return Routes(keys, num_tokens=keys.numel(), heads=1, slots=1, kv_heads=num_kv_heads, subgroups=1,
-                  num_blocks=num_blocks, groups=[HeadGroup(0, 1, 0, nruns)])
+    rows, run_start = sort_rows(keys.to(run_id_dtype(nruns)), 0, nruns)
+    order = rows.to(torch.int32) if rows.numel() < 2**31 else rows
+    return Routes(order, run_start, num_tokens=keys.numel(), heads=1, slots=1, kv_heads=num_kv_heads, subgroups=1,
+                  num_blocks=num_blocks, groups=[HeadGroup(0, 1, 0, nruns, 1)])
 
 
 def padded_width(rows: int, tile_width: int) -> int:
