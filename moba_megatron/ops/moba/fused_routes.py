@@ -167,7 +167,7 @@ def _forward_kernel(Q, K_DESC, V_DESC, O, L, order, begin, end, tile_ends, block
 @triton.jit
 def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, block_start,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
-                     num_tokens, heads, parts, slots, nb, subgroups, scale, scale_log2,
+                     num_tokens, heads, slots, nb, subgroups, scale, scale_log2,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WITH_DQ: tl.constexpr):
     """dK and dV of ``BN`` keys of one block of one kv head, over every row that chose the block;
     with ``WITH_DQ`` also the rows' dq against these keys (added with atomics)."""
@@ -191,7 +191,6 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
             mask = row0 + offs < end
             rid = tl.load(order + row0 + offs, mask=mask, other=0)
             t, h, _ = _row_place(rid, slots, heads)
-            h = h // parts
             src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
             q = tl.load(Q + src, mask=mask[:, None], other=0.0)
             do = tl.load(DO + src, mask=mask[:, None], other=0.0)
@@ -214,7 +213,7 @@ def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, order, run_start, bloc
 @triton.jit
 def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start, tile_ends, block_start,
                         stride_qt, stride_qh, stride_dqt, stride_dqh,
-                        nruns, num_tokens, heads, parts, slots, nb, subgroups, scale, scale_log2,
+                        nruns, num_tokens, heads, slots, nb, subgroups, scale, scale_log2,
                         CHUNK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of a tile of up to ``BM`` rows of one run against its whole block (the backward of
     blocks too large for one program's keys): one atomic add per row element."""
@@ -223,7 +222,6 @@ def _backward_dq_kernel(Q, K_DESC, V_DESC, DO, LSE, DELTA, DQ, order, run_start,
     if run < nruns:
         rid, mask = _tile_of_run(tile_ends, run_start, run_start + 1, order, run, p, BM)
         t, h, _ = _row_place(rid, slots, heads)
-        h = h // parts
         d = tl.arange(0, D)
         src = t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
         q = tl.load(Q + src, mask=mask[:, None], other=0.0)
@@ -478,6 +476,9 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
     with the block."""
     t, heads, d = q.shape
     assert dout.stride() == q.stride() and dq.dtype == torch.float32 and dk.stride() == dv.stride()
+    # Its rows are the query heads' own: slots are split into parts only for backwards that keep
+    # per-slot rows (routing.route_selection's split_slots).
+    assert routes.parts == 1, "the Triton backward takes whole slots"
     if routes.order.numel() == 0 or t == 0:
         return
     delta = torch.empty(heads, t, dtype=torch.float32, device=q.device)
@@ -495,7 +496,7 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         bn = math.gcd(bn, chunk)
         _backward_kernel[(hkv * nb, chunk // bn)](
             q, k, v, dout, lse, delta, dq, dk, dv, routes.order, routes.run_start, block_starts,
-            *common, dk.stride(0), dk.stride(1), t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups,
+            *common, dk.stride(0), dk.stride(1), t, routes.heads, routes.slots, nb, routes.subgroups,
             scale, scale * _LOG2E,
             D=d, BM=bm, BN=bn, WITH_DQ=with_dq, num_warps=warps, num_stages=stages,
         )
@@ -513,7 +514,7 @@ def routed_backward(dout, q, k, v, out, lse, routes, block_starts, chunk: int, s
         _backward_dq_kernel[(programs,)](
             q, *key_descriptors(k, v, bn), dout, lse, delta, dq, routes.order, routes.run_start, tile_ends,
             block_starts, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
-            routes.num_runs, t, routes.heads, routes.parts, routes.slots, nb, routes.subgroups, scale,
+            routes.num_runs, t, routes.heads, routes.slots, nb, routes.subgroups, scale,
             scale * _LOG2E,
             CHUNK=chunk, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
         )
