@@ -110,6 +110,7 @@ def training_step() -> list[str]:
     """Steady step times (median after the warm-up steps) of each run, against full attention on
     cuDNN in the same invocation."""
     runs = [("train-125m.json", "125M at 32K, `configs/gpt-125m-32k.yaml`, batch 2"),
+            ("train-125m-512-12.json", "the same"),
             ("train-125m-128-48.json", "the same"),
             ("train-8b.json", "two Llama-3-8B-shape layers at 128K, `configs/llama3-8b-2layer-1m.yaml`")]
     out = ["| model | MoBA blocks | MoBA ms a step | full attention (cuDNN) ms | MoBA / full | max allocated GiB, "
@@ -143,6 +144,7 @@ def retrieval(folder: str = "needle-study") -> list[str]:
 TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step,
           "retrieval-seeds": lambda: retrieval("needle-study-seeds"), "retrieval": retrieval,
           "retrieval-small-blocks": lambda: retrieval("needle-study-small-blocks"),
+          "retrieval-512-12": lambda: retrieval("needle-study-512-12"),
           "retrieval-another-base": lambda: retrieval("needle-study-another-base")}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
