@@ -28,7 +28,8 @@
 # cell. CONFIG, STAGES and LENGTHS (of the needle grid) change the model, the lengthening and the grid (on CPU
 # with CONFIG=configs/tiny-cpu.yaml). CHECKS=0 skips the check after each stage (about 20 s each). Variants run
 # one after the other, so each fine-tune's step time is its own; PARALLEL=1 runs them side by side instead
-# (less wall time, shared step times).
+# (less wall time, shared step times). SELECTION_TILES=N,... has each evaluation on MoBA first write how much
+# the gate's selections overlap within tiles of N queries (OUTDIR/NAME/selection.json, needle --selection-tiles).
 set -euo pipefail
 usage="usage: benchmarks/needle_125m.sh OUTDIR VARIANT... (full, moba, moba:CHUNK:TOPK[:conv=W][:steps=N][:full-from=N][:seed=N])"
 out=${1:?$usage}
@@ -85,7 +86,9 @@ evaluate() {  # NAME ATTENTION TRAINED FLAGS...: the needle grid of checkpoint T
     mkdir -p "$out/$name"  # how it ran, for the summary: its step time is its own unless side by side
     printf '{"trained_as": "%s", "side_by_side": %s, "eval_attention": "%s"}\n' "$trained" \
         "$([ "${PARALLEL:-0}" = 1 ] && echo true || echo false)" "$attention" > "$out/$name/variant.json"
-    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "$@" --load "$runs/$trained" --token-losses 2 \
+    local overlap=()  # SELECTION_TILES=64,128: MoBA evaluations first measure the gate's overlap in query tiles
+    [ "$attention" = full ] || [ -z "${SELECTION_TILES:-}" ] || overlap=(--selection-tiles "$SELECTION_TILES")
+    job "$name-eval" moba_megatron.eval.needle "${task[@]}" "$@" "${overlap[@]}" --load "$runs/$trained" --token-losses 2 \
         --lengths "${LENGTHS:-4096,8192,16384,32768}" --depths 0,0.25,0.5,0.75,1 --samples "${SAMPLES:-24}" \
         --out "$out/$name"
 }

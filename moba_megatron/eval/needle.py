@@ -7,6 +7,8 @@ Models of the synthetic retrieval task (no tokenizer) get the task's needles: ``
 depth, ``QUERY k`` at the end, and the answer ``v``. Models with a Hugging Face tokenizer
 (``--tokenizer-model``) get a text passkey: a number hidden in filler text, asked for at the end.
 A probe counts as retrieved when every answer token is the model's top prediction (teacher forced).
+``--selection-tiles N,...`` (MoBA, one rank) first measures how much the gate's selections overlap
+within tiles of N consecutive queries (``eval/selection.py``), into ``OUT/selection.json``.
 ``--token-losses N`` first reports a synthetic-task model's loss by kind of token on N validation
 samples, against the chance loss of the random kinds: the question's value below its chance loss is
 retrieval starting, long before a needle grid shows it.
@@ -56,6 +58,9 @@ def parse(argv=None):
                    help="synthetic-task models: first the loss by kind of token over N validation samples "
                         "(--seq-length, --retrieval-pairs), into token_losses.json, and the loss by position "
                         "into position_losses.json")
+    g.add_argument("--selection-tiles", type=_ints, default=[], metavar="N,...",
+                   help="MoBA models, one rank: first how much the gate's selections overlap within tiles of N "
+                        "consecutive queries, on one probe of the longest length, into selection.json")
     args = parse_args(argv, parser)
     if not args.load:
         parser.error("--load CKPT is required: the model to evaluate")
@@ -66,6 +71,13 @@ def parse(argv=None):
         parser.error("--token-losses is for models of the synthetic task; this one has --tokenizer-model")
     if args.token_losses < 0:
         parser.error(f"--token-losses must be >= 0, got {args.token_losses}")
+    if args.selection_tiles:
+        if any(n < 1 for n in args.selection_tiles):
+            parser.error(f"--selection-tiles: tiles of at least 1 query, got {args.selection_tiles}")
+        if not args.moba_enabled:
+            parser.error("--selection-tiles measures MoBA's gate: drop --moba-disable")
+        if args.tensor_model_parallel_size * args.context_parallel_size != 1:
+            parser.error("--selection-tiles runs on one rank: --tensor-model-parallel-size 1 --context-parallel-size 1")
     return args
 
 
@@ -228,6 +240,19 @@ def evaluate(args, model, probes, device: str) -> list[dict]:
     return results
 
 
+def selection_overlap(args, model, probes, device: str) -> list[dict]:
+    """``--selection-tiles``: how much the gate's selections overlap within query tiles
+    (``eval/selection.py``), on one probe of the longest length with its needle half-way."""
+    from .selection import record_selections, summary
+
+    length = max(args.lengths)
+    tokens, _ = probes.probe(0, length, 0.5)
+    positions = torch.arange(length, device=device)
+    with record_selections(model, args.selection_tiles) as counts, torch.no_grad():
+        model(tokens[None, :-1].to(device), positions[None], None)
+    return summary(counts)
+
+
 def length_label(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
 
@@ -319,6 +344,15 @@ def run(args) -> None:
                     chance = "" if r["chance_loss"] is None else f"  (chance {r['chance_loss']:.3f})"
                     print(f"needle: {r['kind']:>14}: {r['tokens']:>8} tokens  loss {r['loss']:.3f}  "
                           f"top-1 {r['accuracy']:.3f}{chance}", flush=True)
+        if args.selection_tiles:
+            overlap = selection_overlap(args, model, probes, device)
+            (args.out / "selection.json").write_text(json.dumps(overlap, indent=1))
+            print(f"needle: the gate's blocks within tiles of queries, one probe of {max(args.lengths)} tokens "
+                  "(union / rows: 1 is no block shared; union / candidates: the part of the tile's causal blocks)")
+            for r in overlap:
+                ratios = [f"{x:.3f}" if x is not None else "-" for x in (r["union_per_row"], r["union_per_candidate"])]
+                print(f"needle: layer {r['layer']:>3} tile {r['tile']:>5}: union / rows {ratios[0]}  "
+                      f"union / candidates {ratios[1]}", flush=True)
         results = evaluate(args, model, probes, device)
         if rank0:
             (args.out / "needle.json").write_text(json.dumps(results, indent=1))
