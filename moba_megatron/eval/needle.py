@@ -247,7 +247,7 @@ def selection_overlap(args, model, probes, device: str) -> list[dict]:
 
     length = max(args.lengths)
     tokens, _ = probes.probe(0, length, 0.5)
-    positions = torch.arange(length, device=device)
+    positions = _cp_positions(args, length, f"--lengths {length}", device)  # one rank: every position
     with record_selections(model, args.selection_tiles) as counts, torch.no_grad():
         model(tokens[None, :-1].to(device), positions[None], None)
     return summary(counts)

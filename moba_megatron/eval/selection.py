@@ -32,7 +32,7 @@ def tile_overlap(selection: torch.Tensor, token_block: torch.Tensor, token_first
         raise ValueError(f"tile must be >= 1, got {tile}")
     if t == 0:
         return {"rows": 0, "union": 0, "candidates": 0}
-    tiles = (torch.arange(t, device=selection.device) // tile).long()
+    tiles = torch.arange(t, device=selection.device) // tile
     num_tiles = int(tiles[-1]) + 1
     nb = num_blocks + 1  # the last column takes the unused slots
     sel = selection.long().masked_fill(selection < 0, num_blocks)
