@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moba_megatron.eval.needle import parse
-from moba_megatron.eval.selection import record_selections, summary, tile_overlap
+from moba_megatron.eval.selection import main, random_overlap, record_selections, summary, tile_overlap
 from moba_megatron.ops import moba_attn_varlen
 from moba_megatron.ops.moba.gating import block_key_sums, select_blocks
 from moba_megatron.ops.moba.layout import block_layout
@@ -71,6 +71,27 @@ def test_recorder_counts_what_the_op_selects():
     rows = summary(counts)
     assert [(r["layer"], r["tile"]) for r in rows] == [(0, 1), (0, 8), ("all", 1), ("all", 8)]
     assert rows[0]["union_per_row"] == 1.0 and rows[1]["union_per_row"] < 1.0
+
+
+def test_random_inputs_overlap_to_nearly_dense_tiles():
+    """The reference of random inputs: one query selects about top-k of its candidates; a tile of 64
+    queries selects nearly all of them."""
+    found = random_overlap(4096, 64, 16, [1, 64])
+    assert found[1]["union"] == found[1]["rows"]
+    assert 0.2 < found[1]["union"] / found[1]["candidates"] < 0.6
+    assert found[64]["union"] / found[64]["candidates"] > 0.9
+
+
+def test_random_overlap_cli(capsys):
+    main(["--length", "1024", "--blocks", "64/4", "--tiles", "1,16"])
+    out = capsys.readouterr().out
+    assert "64 / 4 |" in out and "tile 16" in out
+    for bad, message in ((["--blocks", "64x4"], "separated by '/'"), (["--blocks", "64/4/2"], "BLOCK/TOPK"),
+                         (["--blocks", "64/0"], "positive"), (["--tiles", "0"], "positive"),
+                         (["--length", "0"], "positive")):
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,10 +11,16 @@ every block; ``union / candidates`` is the fraction of the tile's causal blocks 
 
 ``record_selections`` wraps the gate (``gating.select_blocks``) of the single-device op while a
 model runs, by MoBA layer; ``tile_overlap`` sums the counts of one selection.
+
+The reference a trained model's overlap is read against is that of random inputs (those of
+``benchmarks/bench_op.py``), where it is close to dense:
+
+    python -m moba_megatron.eval.selection --length 32768 --blocks 2048/3,128/48 --tiles 16,64,128
 """
 
 from __future__ import annotations
 
+import argparse
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -96,3 +102,54 @@ def summary(counts) -> list[dict]:
         r["union_per_row"] = r["union"] / r["rows"] if r["rows"] else None
         r["union_per_candidate"] = r["union"] / r["candidates"] if r["candidates"] else None
     return rows
+
+
+def random_overlap(length: int, chunk: int, topk: int, tiles: list[int], heads: int = 2, head_dim: int = 64,
+                   seed: int = 0) -> dict[int, dict[str, int]]:
+    """``tile_overlap``'s counts by tile for the gate on one sequence of random bf16 queries and keys
+    (top-k counts the own block, as ``moba_topk`` does)."""
+    from ..ops.moba.gating import block_key_sums, select_blocks
+    from ..ops.moba.layout import block_layout
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(length, heads, head_dim, generator=gen).bfloat16() for _ in range(2))
+    layout = block_layout((0, length), chunk, torch.device("cpu"))
+    chosen = select_blocks(q, block_key_sums(k, layout), layout, topk - 1)
+    return {t: tile_overlap(chosen, layout.token_block, layout.token_first_block, layout.num_blocks, t)
+            for t in tiles}
+
+
+def _positive_ints(text: str, sep: str = ",") -> list[int]:
+    try:
+        found = [int(n) for n in text.split(sep)]
+    except ValueError:
+        found = []
+    if not found or min(found) < 1:
+        raise argparse.ArgumentTypeError(f"positive whole numbers separated by '{sep}', got {text!r}")
+    return found
+
+
+def _block_topk_pairs(text: str) -> list[list[int]]:
+    pairs = [_positive_ints(pair, "/") for pair in text.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"BLOCK/TOPK,..., got {text!r}")
+    return pairs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="the gate's overlap within query tiles on random inputs")
+    parser.add_argument("--length", type=lambda t: _positive_ints(t)[0], default=32768, help="tokens")
+    parser.add_argument("--blocks", type=_block_topk_pairs, default="2048/3,512/12,256/24,128/48,64/96",
+                        help="BLOCK/TOPK,...")
+    parser.add_argument("--tiles", type=_positive_ints, default="1,16,64,128", help="queries a tile, N,...")
+    args = parser.parse_args(argv)
+    print(f"union of a tile's selected blocks / its candidate blocks, random inputs at {args.length} tokens")
+    print("block / top-k | " + " | ".join(f"tile {t}" for t in args.tiles))
+    for chunk, topk in args.blocks:
+        found = random_overlap(args.length, chunk, topk, args.tiles)
+        print(f"{chunk} / {topk} | " + " | ".join(
+            f"{found[t]['union'] / max(found[t]['candidates'], 1):.2f}" for t in args.tiles))
+
+
+if __name__ == "__main__":
+    main()
