@@ -88,7 +88,7 @@ def test_random_overlap_cli(capsys):
     assert "64 / 4 |" in out and "tile 16" in out
     for bad, message in ((["--blocks", "64x4"], "separated by '/'"), (["--blocks", "64/4/2"], "BLOCK/TOPK"),
                          (["--blocks", "64/0"], "positive"), (["--tiles", "0"], "positive"),
-                         (["--length", "0"], "positive")):
+                         (["--length", "0"], "positive"), (["--length", "1024,8"], "one positive")):
         with pytest.raises(SystemExit):
             main(bad)
         assert message in capsys.readouterr().err

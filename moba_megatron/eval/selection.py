@@ -129,6 +129,13 @@ def _positive_ints(text: str, sep: str = ",") -> list[int]:
     return found
 
 
+def _length(text: str) -> int:
+    found = _positive_ints(text)
+    if len(found) != 1:
+        raise argparse.ArgumentTypeError(f"one positive whole number, got {text!r}")
+    return found[0]
+
+
 def _block_topk_pairs(text: str) -> list[list[int]]:
     pairs = [_positive_ints(pair, "/") for pair in text.split(",")]
     if any(len(pair) != 2 for pair in pairs):
@@ -138,7 +145,7 @@ def _block_topk_pairs(text: str) -> list[list[int]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="the gate's overlap within query tiles on random inputs")
-    parser.add_argument("--length", type=lambda t: _positive_ints(t)[0], default=32768, help="tokens")
+    parser.add_argument("--length", type=_length, default=32768, help="tokens")
     parser.add_argument("--blocks", type=_block_topk_pairs, default="2048/3,512/12,256/24,128/48,64/96",
                         help="BLOCK/TOPK,...")
     parser.add_argument("--tiles", type=_positive_ints, default="1,16,64,128", help="queries a tile, N,...")
