@@ -13,7 +13,8 @@ shared and not compared.
 
 The last column holds a variant against the recommendation bar: parity with full attention
 (docs/data-and-eval.md: the mean accuracy at 16K and 32K each within 0.05 of full's, no cell below
-0.8 where full's is at least 0.9) and a training step at most ``STEP_BAR`` of full's.
+0.8 where full's is at least 0.9) and a training step at most ``STEP_BAR`` of full's. Where full
+attention itself retrieves almost nothing (``REFERENCE_FLOOR``) it gives no verdict.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from moba_megatron.eval.needle import draw_heatmap, length_label, wilson_interva
 
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \(ms\): ([\d.]+)")
 STEP_BAR = 0.75  # a recommended configuration trains at most this fraction of full attention's step time
+# Full attention's mean over its whole grid below this: the base never learnt the probe (chance is about
+# 0.02 at the study's vocabulary of 64), so matching or beating it says nothing about retrieval and no verdict is given.
+REFERENCE_FLOOR = 0.25
 
 
 def load(out: Path, name: str) -> dict:
@@ -80,6 +84,9 @@ def step_ratio(run: dict, full: dict | None) -> float | None:
 
 def verdict(run: dict, full: dict, lengths: list[int]) -> str:
     """``yes`` at parity with a step of at most ``STEP_BAR`` of full's; otherwise what falls short."""
+    reference = statistics.mean(c["accuracy"] for c in full["cells"])
+    if reference < REFERENCE_FLOOR:
+        return f"none: full attention retrieves {reference:.2f} over its grid here, too little to hold it to"
     gaps = parity(run, full, lengths)
     if gaps:
         return "no: " + "; ".join(gaps[:2])

@@ -141,11 +141,26 @@ def retrieval(folder: str = "needle-study") -> list[str]:
             f"`{meta['command']}`."]
 
 
+def selection_trained() -> list[str]:
+    """How much a trained gate's selections overlap within tiles of consecutive queries (the needle eval's
+    ``--selection-tiles``), all MoBA layers pooled: a tile's union of selected blocks over its candidates."""
+    run = _load("selection-trained.json")
+    tiles = sorted({layer["tile"] for r in run["runs"] for layer in r["layers"]})
+    out = ["| block / top-k | steps at 32K | probes | " + " | ".join(f"tile of {t}" for t in tiles) + " |",
+           "|---|---:|---|" + "---:|" * len(tiles)]
+    for r in run["runs"]:
+        pooled = {layer["tile"]: layer["union_per_candidate"] for layer in r["layers"] if layer["layer"] == "all"}
+        out.append(f"| {r['blocks']} | {r['steps_at_32k']} | {r['probes']} | "
+                   + " | ".join(f"{pooled[t]:.2f}" for t in tiles) + " |")
+    return [*out, "", f"Source: {run['device']}, commit `{run['commit']}`, {run['date']}: `{run['command']}`."]
+
+
 TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step,
           "retrieval-seeds": lambda: retrieval("needle-study-seeds"), "retrieval": retrieval,
           "retrieval-small-blocks": lambda: retrieval("needle-study-small-blocks"),
           "retrieval-512-12": lambda: retrieval("needle-study-512-12"),
-          "retrieval-another-base": lambda: retrieval("needle-study-another-base")}
+          "retrieval-another-base": lambda: retrieval("needle-study-another-base"),
+          "retrieval-plain": lambda: retrieval("needle-study-plain"), "selection-trained": selection_trained}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

@@ -133,6 +133,17 @@ def test_study_verdict_holds_parity_and_the_step_bar(accuracy, step_ms, shared, 
     assert ("(shared)" in row) == shared and ("| - |" in row) == shared  # a shared step is not compared
 
 
+def test_study_gives_no_verdict_against_a_full_run_that_never_retrieves():
+    """A base whose full-attention fine-tune finds almost no needle is no reference: a MoBA variant that
+    beats it is not at parity with anything."""
+    summary = benchmark_module("needle_summary")
+    full = _study_run("full", {cell: 0.08 for cell in FULL_CELLS}, 500.0, eval_attention="full")
+    run = _study_run("moba", {cell: 0.2 for cell in FULL_CELLS}, 300.0)
+    assert summary.verdict(run, full, [16384, 32768]).startswith("none: full attention retrieves 0.08")
+    full = _study_run("full", {cell: 0.3 for cell in FULL_CELLS}, 500.0, eval_attention="full")
+    assert summary.verdict(run, full, [16384, 32768]).startswith("no: mean at 16K 0.20 against 0.30")
+
+
 def test_study_summary_reads_how_each_variant_ran(tmp_path):
     """The step time is the mean of the logged windows after the first (a run that switches to full
     attention counts both phases), and variant.json marks shared steps and full-attention evals."""
