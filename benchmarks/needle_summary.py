@@ -29,8 +29,8 @@ from moba_megatron.eval.needle import draw_heatmap, length_label, wilson_interva
 
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \(ms\): ([\d.]+)")
 STEP_BAR = 0.75  # a recommended configuration trains at most this fraction of full attention's step time
-# Full attention's mean over its whole grid below this: the base never learnt the probe (chance is about
-# 0.02 at the study's vocabulary of 64), so matching or beating it says nothing about retrieval and no verdict is given.
+# Full attention's mean over its whole grid below this means its base never learnt the probe (chance is
+# about 0.02 at the study's vocabulary of 64): beating it says nothing about retrieval, so no verdict.
 REFERENCE_FLOOR = 0.25
 
 
