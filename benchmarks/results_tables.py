@@ -143,14 +143,15 @@ def retrieval(folder: str = "needle-study") -> list[str]:
 
 def selection_trained() -> list[str]:
     """How much a trained gate's selections overlap within tiles of consecutive queries (the needle eval's
-    ``--selection-tiles``), all MoBA layers pooled: a tile's union of selected blocks over its candidates."""
+    ``--selection-tiles``: one probe of 32K), all MoBA layers pooled: a tile's union of selected blocks over
+    its candidates."""
     run = _load("selection-trained.json")
     tiles = sorted({layer["tile"] for r in run["runs"] for layer in r["layers"]})
-    out = ["| block / top-k | steps at 32K | probes | " + " | ".join(f"tile of {t}" for t in tiles) + " |",
-           "|---|---:|---|" + "---:|" * len(tiles)]
+    out = ["| block / top-k | steps at 32K | " + " | ".join(f"tile of {t}" for t in tiles) + " |",
+           "|---|---:|" + "---:|" * len(tiles)]
     for r in run["runs"]:
         pooled = {layer["tile"]: layer["union_per_candidate"] for layer in r["layers"] if layer["layer"] == "all"}
-        out.append(f"| {r['blocks']} | {r['steps_at_32k']} | {r['probes']} | "
+        out.append(f"| {r['blocks']} | {r['steps_at_32k']} | "
                    + " | ".join(f"{pooled[t]:.2f}" for t in tiles) + " |")
     return [*out, "", f"Source: {run['device']}, commit `{run['commit']}`, {run['date']}: `{run['command']}`."]
 
