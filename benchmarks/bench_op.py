@@ -9,6 +9,7 @@ method's fwd+bwd time over cuDNN dense's in the same run.
     python benchmarks/bench_op.py --sweep equal-sparsity  # small blocks: block x top-k fixed, 32K and 128K
     python benchmarks/bench_op.py --case 128k-4096-12 --profile
     python benchmarks/bench_op.py --backward both # also MoBA with each routed backward (Triton, tiles)
+    python benchmarks/bench_op.py --sweep equal-sparsity --gate  # the gate alone, by kernel
 
 The dense baselines run once per shape (length, heads, head dim) and every MoBA case of that shape
 is compared with them.
@@ -188,6 +189,34 @@ def run_case(case: Case, d: int, reps: int, profile: bool, dense_done: dict, bac
     return rows
 
 
+def gate_times(case: Case, d: int, reps: int) -> list[dict]:
+    """The gate alone (all heads in one call) through each fused kernel that takes the case, and the
+    selections' agreement with the default kernel's."""
+    from moba_megatron.ops.moba import fused_gate
+    from moba_megatron.ops.moba.gating import block_key_sums
+    from moba_megatron.ops.moba.layout import block_layout
+
+    torch.manual_seed(0)
+    d = case.d or d
+    q = torch.randn(case.seqlen, case.hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(case.seqlen, case.hkv, d, device="cuda", dtype=torch.bfloat16)
+    layout = block_layout((0, case.seqlen), case.chunk, q.device)
+    sums = block_key_sums(k, layout)
+    slots = min(case.topk - 1, layout.max_candidates)
+    default = "threshold" if fused_gate._threshold(slots, layout.max_candidates) else "insertion"
+    rows, chosen = [], {}
+    for kernel in fused_gate.kernels_for(slots, layout.max_candidates):
+        def gate(kernel=kernel):
+            return fused_gate.select_blocks_fused(q, sums, layout.token_block, layout.token_first_block, slots,
+                                                  layout.max_candidates, kernel=kernel)
+
+        chosen[kernel] = gate()
+        rows.append(dict(case=case.name, kernel=kernel, default=kernel == default, ms=timed(gate, reps) * 1e3))
+    for row in rows:
+        row["rows_differing"] = int((chosen[row["kernel"]] != chosen[default]).any(-1).sum())
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", choices=list(SWEEPS), default="op-speed", help="which cases (default: op-speed)")
@@ -198,6 +227,8 @@ def main():
     parser.add_argument("--backend", default=None, help="MoBA backend (default: the best available)")
     parser.add_argument("--backward", choices=["default", "triton", "tiles", "both"], default="default",
                         help="also time MoBA with the routed backward forced to the Triton kernel or the tiles")
+    parser.add_argument("--gate", action="store_true",
+                        help="time the gate alone through each fused kernel, not the op")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     sweep = SWEEPS[args.sweep]
@@ -205,6 +236,21 @@ def main():
     if unknown:
         parser.error(f"--case {unknown} not in --sweep {args.sweep}: choose from {[c.name for c in sweep]}")
     cases = [c for c in sweep if not args.case or c.name in args.case]
+    if args.gate:
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 random inputs; "
+              "rows differing: (query, head) rows whose selection differs from the default kernel's")
+        print(f"{'case':<22}{'kernel':<11}{'ms':>8}{'rows differing':>16}")
+        results = []
+        for case in cases:
+            for row in gate_times(case, args.head_dim, args.reps):
+                mark = " (default)" if row["default"] else ""
+                print(f"{row['case']:<22}{row['kernel']:<11}{row['ms']:>8.2f}{row['rows_differing']:>16}{mark}",
+                      flush=True)
+                results.append(row)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(**provenance(), sweep=args.sweep, gate=True, results=results), f, indent=1)
+        return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
           f"MoBA backend {args.backend or 'default'}; 'vs cuDNN': fwd+bwd time over cuDNN dense's, same run")
     header = (f"{'case':<22}{'method':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GB':>9}{'fwd TF/s':>10}"

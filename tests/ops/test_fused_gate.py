@@ -14,6 +14,8 @@ from moba_megatron.ops.moba.layout import block_layout
 from tests.helpers import make_qkv
 
 pytest.importorskip("triton")
+from moba_megatron.ops.moba import fused_gate  # noqa: E402 (needs triton)
+
 if not torch.cuda.is_available():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets Triton's interpreter mode on CPU"
 
@@ -21,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
 
 
-def selections(lens, chunk, slots, hq, hkv, d, *, dyadic, dtype, seed=0):
+def selections(lens, chunk, slots, hq, hkv, d, *, dyadic, dtype, seed=0, kernel=None):
     q, k, _, cu = make_qkv(lens, hq, hkv, d, seed=seed, dtype=dtype, device=DEVICE)
     if not dyadic:
         g = torch.Generator().manual_seed(seed)
@@ -29,7 +31,11 @@ def selections(lens, chunk, slots, hq, hkv, d, *, dyadic, dtype, seed=0):
         k = torch.randn(k.shape, generator=g).to(DEVICE, dtype)
     layout = block_layout(tuple(cu.tolist()), chunk, q.device)
     sums = gating.block_key_sums(k, layout)
-    fused = gating.select_blocks(q, sums, layout, slots, fused=True)
+    if kernel is None:
+        fused = gating.select_blocks(q, sums, layout, slots, fused=True)
+    else:
+        fused = fused_gate.select_blocks_fused(q, sums, layout.token_block, layout.token_first_block, slots,
+                                               layout.max_candidates, kernel=kernel)
     exact = gating.select_blocks(q, sums, layout, slots)
     return q, sums, fused, exact
 
@@ -58,11 +64,26 @@ def test_exact_scores_give_identical_selections(lens, chunk, slots, hq, hkv, d):
     assert torch.equal(fused, exact)
 
 
+# The default gives these few selections to insertion: the threshold kernel on them too.
+@pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES[:3])
+def test_threshold_kernel_gives_identical_selections(lens, chunk, slots, hq, hkv, d):
+    dtype = torch.float32 if DEVICE == "cpu" else HALF
+    _, _, fused, exact = selections(lens, chunk, slots, hq, hkv, d, dyadic=True, dtype=dtype, kernel="threshold")
+    assert torch.equal(fused, exact)
+
+
+def test_a_kernel_that_cannot_take_the_inputs_is_refused():
+    q, sums = torch.zeros(8, 1, 16, device=DEVICE), torch.zeros(2, 1, 16, device=DEVICE)
+    blocks = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="'insertion' gate kernel does not take 200 selections.*'threshold'"):
+        fused_gate.select_blocks_fused(q, sums, blocks, blocks, 200, 300, kernel="insertion")
+    with pytest.raises(ValueError, match="'threshold' gate kernel does not take 2 selections of up to 5000"):
+        fused_gate.select_blocks_fused(q, sums, blocks, blocks, 2, 5000, kernel="threshold")
+
+
 @pytest.mark.slow
 def test_insertion_keeps_up_to_128(monkeypatch):
     """Insertion serves 65 to 128 selections where the threshold kernel cannot (past its candidates)."""
-    from moba_megatron.ops.moba import fused_gate
-
     monkeypatch.setattr(fused_gate, "THRESHOLD_MAX_CANDIDATES", 16)
     dtype = torch.float32 if DEVICE == "cpu" else HALF
     for slots in (65, 127):
@@ -71,12 +92,13 @@ def test_insertion_keeps_up_to_128(monkeypatch):
         assert torch.equal(fused, exact)
 
 
-@pytest.mark.parametrize("slots", [2, 130])  # the insertion kernel, the threshold kernel
-def test_ties_go_to_the_lower_block(slots):
+@pytest.mark.parametrize("slots,kernel", [(2, "insertion"), (2, "threshold"), (130, "threshold")])
+def test_ties_go_to_the_lower_block(slots, kernel):
     k = torch.ones(1200, 1, 16, device=DEVICE)
     q = torch.ones(1200, 1, 16, device=DEVICE)
     layout = block_layout((0, 1200), 8, torch.device(DEVICE))
-    sel = gating.select_blocks(q, gating.block_key_sums(k, layout), layout, slots, fused=True)
+    sel = fused_gate.select_blocks_fused(q, gating.block_key_sums(k, layout), layout.token_block,
+                                         layout.token_first_block, slots, layout.max_candidates, kernel=kernel)
     assert sel[1199, 0].tolist() == list(range(slots))  # 149 candidates, all tied
     assert sel[10, 0].tolist() == [0] + [-1] * (slots - 1)  # block 1 has only block 0 before it
     assert sel[3, 0].tolist() == [-1] * slots

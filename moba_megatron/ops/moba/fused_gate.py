@@ -49,12 +49,18 @@ def _threshold(num_selected: int, max_candidates: int) -> bool:
     return num_selected > THRESHOLD_ABOVE_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
 
 
+def kernels_for(num_selected: int, max_candidates: int) -> list[str]:
+    """The kernels that take this many selections of up to this many candidates."""
+    return [name for name, fits in (("insertion", num_selected <= INSERTION_MAX_SELECTED),
+                                    ("threshold", num_selected <= MAX_SELECTED
+                                     and max_candidates <= THRESHOLD_MAX_CANDIDATES)) if fits]
+
+
 def supports(q: torch.Tensor, num_selected: int, max_candidates: int) -> bool:
     d = q.shape[-1]
     if not (16 <= d <= 256 and d & (d - 1) == 0):
         return False
-    return num_selected <= INSERTION_MAX_SELECTED or (num_selected <= MAX_SELECTED
-                                                      and _threshold(num_selected, max_candidates))
+    return bool(kernels_for(num_selected, max_candidates))
 
 
 @triton.jit
@@ -157,13 +163,20 @@ def _threshold_kernel(Q, ST, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride
 
 
 def select_blocks_fused(q: torch.Tensor, block_sums: torch.Tensor, token_block: torch.Tensor,
-                        token_first_block: torch.Tensor, num_selected: int, max_candidates: int) -> torch.Tensor:
+                        token_first_block: torch.Tensor, num_selected: int, max_candidates: int,
+                        kernel: str | None = None) -> torch.Tensor:
     """``gating.select_blocks`` in one kernel: ``[T, Hq, num_selected]`` int32 block ids in ascending
     order, -1 where a query has fewer candidates. ``max_candidates``: the most candidate blocks any
-    query has."""
+    query has. ``kernel``: "insertion" or "threshold" where it takes the inputs (benchmarks and tests
+    compare them); default: the faster one (``_threshold``)."""
     t, hq, d = q.shape
     hkv = block_sums.shape[1]
-    if _threshold(num_selected, max_candidates):
+    if kernel is None:
+        kernel = "threshold" if _threshold(num_selected, max_candidates) else "insertion"
+    elif kernel not in kernels_for(num_selected, max_candidates):
+        raise ValueError(f"the {kernel!r} gate kernel does not take {num_selected} selections of up to "
+                         f"{max_candidates} candidates: use one of {kernels_for(num_selected, max_candidates)}")
+    if kernel == "threshold":
         sel = torch.full((t, hq, num_selected), -1, dtype=torch.int32, device=q.device)
         if t == 0:
             return sel
