@@ -156,12 +156,32 @@ def selection_trained() -> list[str]:
     return [*out, "", f"Source: {run['device']}, commit `{run['commit']}`, {run['date']}: `{run['command']}`."]
 
 
+def gate() -> list[str]:
+    """The gate alone through each fused kernel (`bench_op.py --gate`), the default one in bold."""
+    runs = [_load("gate-equal-sparsity.json"), _load("gate-256k.json")]
+    out = ["| case | insertion ms | threshold ms | (query, head) rows selected differently |",
+           "|---|---:|---:|---:|"]
+    for run in runs:
+        by_case: dict[str, dict] = {}
+        for r in run["results"]:
+            by_case.setdefault(r["case"], {})[r["kernel"]] = r
+        for case, kernels in by_case.items():
+            cells = ["-" if r is None else f"**{r['ms']:.2f}**" if r["default"] else f"{r['ms']:.2f}"
+                     for r in (kernels.get("insertion"), kernels.get("threshold"))]
+            differ = max(r["rows_differing"] for r in kernels.values())
+            length, chunk, topk = case.split("-")[:3]
+            out.append(f"| {length.upper()} / {chunk} / {topk} | {cells[0]} | {cells[1]} | "
+                       f"{differ if len(kernels) > 1 else '-'} |")
+    return [*out, "", f"Sources: {_source(runs[0])}; {_source(runs[1])}."]
+
+
 TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step,
           "retrieval-seeds": lambda: retrieval("needle-study-seeds"), "retrieval": retrieval,
           "retrieval-small-blocks": lambda: retrieval("needle-study-small-blocks"),
           "retrieval-512-12": lambda: retrieval("needle-study-512-12"),
           "retrieval-another-base": lambda: retrieval("needle-study-another-base"),
-          "retrieval-plain": lambda: retrieval("needle-study-plain"), "selection-trained": selection_trained}
+          "retrieval-plain": lambda: retrieval("needle-study-plain"), "selection-trained": selection_trained,
+          "gate": gate}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
