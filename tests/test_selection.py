@@ -107,7 +107,7 @@ def test_selection_tiles_bad_input(flags, message, capsys):
 
 @pytest.mark.slow
 def test_needle_eval_writes_the_overlap_by_layer(tmp_path):
-    run_job(*SMALL, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0")
+    run_job(*SMALL, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--eval-iters", "0", nproc=1)
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
            "-m", "moba_megatron.eval.needle", *SMALL, "--load", str(tmp_path / "ckpt"), "--lengths", "512",
