@@ -203,7 +203,7 @@ def gate_times(case: Case, d: int, reps: int) -> list[dict]:
     layout = block_layout((0, case.seqlen), case.chunk, q.device)
     sums = block_key_sums(k, layout)
     slots = min(case.topk - 1, layout.max_candidates)
-    default = "threshold" if fused_gate._threshold(slots, layout.max_candidates) else "insertion"
+    default = fused_gate.default_kernel(slots, layout.max_candidates)
     rows, chosen = [], {}
     for kernel in fused_gate.kernels_for(slots, layout.max_candidates):
         def gate(kernel=kernel):

@@ -49,6 +49,11 @@ def _threshold(num_selected: int, max_candidates: int) -> bool:
     return num_selected > THRESHOLD_ABOVE_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
 
 
+def default_kernel(num_selected: int, max_candidates: int) -> str:
+    """The kernel that selects these unless one is named: the faster where both take them."""
+    return "threshold" if _threshold(num_selected, max_candidates) else "insertion"
+
+
 def kernels_for(num_selected: int, max_candidates: int) -> list[str]:
     """The kernels that take this many selections of up to this many candidates."""
     return [name for name, fits in (("insertion", num_selected <= INSERTION_MAX_SELECTED),
@@ -168,11 +173,11 @@ def select_blocks_fused(q: torch.Tensor, block_sums: torch.Tensor, token_block: 
     """``gating.select_blocks`` in one kernel: ``[T, Hq, num_selected]`` int32 block ids in ascending
     order, -1 where a query has fewer candidates. ``max_candidates``: the most candidate blocks any
     query has. ``kernel``: "insertion" or "threshold" where it takes the inputs (benchmarks and tests
-    compare them); default: the faster one (``_threshold``)."""
+    compare them); default: ``default_kernel``."""
     t, hq, d = q.shape
     hkv = block_sums.shape[1]
     if kernel is None:
-        kernel = "threshold" if _threshold(num_selected, max_candidates) else "insertion"
+        kernel = default_kernel(num_selected, max_candidates)
     elif kernel not in kernels_for(num_selected, max_candidates):
         raise ValueError(f"the {kernel!r} gate kernel does not take {num_selected} selections of up to "
                          f"{max_candidates} candidates: use one of {kernels_for(num_selected, max_candidates)}")
