@@ -87,7 +87,8 @@ def test_insertion_keeps_up_to_128(monkeypatch):
     monkeypatch.setattr(fused_gate, "THRESHOLD_MAX_CANDIDATES", 16)
     dtype = torch.float32 if DEVICE == "cpu" else HALF
     for slots in (65, 127):
-        assert not fused_gate._threshold(slots, 200) and fused_gate.supports(torch.zeros(1, 1, 16), slots, 200)
+        assert fused_gate.default_kernel(slots, 200) == "insertion"
+        assert fused_gate.supports(torch.zeros(1, 1, 16), slots, 200)
         _, _, fused, exact = selections([600, 200], 4, slots, 2, 1, 16, dyadic=True, dtype=dtype)
         assert torch.equal(fused, exact)
 

@@ -44,14 +44,10 @@ THRESHOLD_MAX_CANDIDATES = 4096
 THRESHOLD_SCORES = 2048
 
 
-def _threshold(num_selected: int, max_candidates: int) -> bool:
-    """Whether the threshold kernel (not insertion) selects these."""
-    return num_selected > THRESHOLD_ABOVE_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
-
-
 def default_kernel(num_selected: int, max_candidates: int) -> str:
     """The kernel that selects these unless one is named: the faster where both take them."""
-    return "threshold" if _threshold(num_selected, max_candidates) else "insertion"
+    threshold = num_selected > THRESHOLD_ABOVE_SELECTED and max_candidates <= THRESHOLD_MAX_CANDIDATES
+    return "threshold" if threshold else "insertion"
 
 
 def kernels_for(num_selected: int, max_candidates: int) -> list[str]:
