@@ -105,6 +105,19 @@ def test_ties_go_to_the_lower_block(slots, kernel):
     assert sel[3, 0].tolist() == [-1] * slots
 
 
+def test_ties_go_to_the_lower_block_where_bisection_stops_early():
+    """Past 256 candidates a threshold program holds few queries and stops bisecting at an exact count,
+    which all-tied scores never give: the tied blocks are still taken lowest first."""
+    assert fused_gate.THRESHOLD_SCORES // 512 <= fused_gate.STOP_EARLY_QUERIES
+    k = torch.ones(1200, 1, 16, device=DEVICE)
+    q = torch.ones(1200, 1, 16, device=DEVICE)
+    layout = block_layout((0, 1200), 4, torch.device(DEVICE))  # 300 blocks
+    sel = fused_gate.select_blocks_fused(q, gating.block_key_sums(k, layout), layout.token_block,
+                                         layout.token_first_block, 130, layout.max_candidates, kernel="threshold")
+    assert sel[1199, 0].tolist() == list(range(130))  # 299 candidates, all tied
+    assert sel[12, 0].tolist() == [0, 1, 2] + [-1] * 127  # fewer candidates than selections
+
+
 @pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES[:6] + [([4096], 64, 7, 4, 2, 128)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_scores_differ_only_between_near_ties(lens, chunk, slots, hq, hkv, d, seed):

@@ -17,9 +17,10 @@ Two kernels, by the number of selections:
   one (and past 128 it would keep more keys than a program's registers hold). A program holds every
   candidate score of its queries in registers (fp32 products on the CUDA cores, one key-sum row per
   head dim), finds each query's n-th best score by bisection over the scores' bits, and keeps the
-  scores above it and, of those equal to it, the lowest blocks. Each query's candidates sit at
-  columns relative to the first block of its own sequence, so ``max_candidates`` columns hold every
-  query's candidates.
+  scores above it and, of those equal to it, the lowest blocks (programs of few queries stop bisecting
+  once exactly n scores of each query are above the bound). Each query's candidates sit at columns
+  relative to the first block of its own sequence, so ``max_candidates`` columns hold every query's
+  candidates.
 
 Beyond both, ``gating.select_blocks`` scores in PyTorch. Where both kernels apply, the one that was
 faster on an H100 runs (benchmarks/RESULTS.md): insertion at 47 selections of 128 candidates,
@@ -42,6 +43,10 @@ THRESHOLD_MAX_CANDIDATES = 4096
 # Candidate scores a program of the threshold kernel holds: [queries, candidates] fp32 in registers,
 # with 4 warps (8192 with 8 warps ran 1.6-2.2x slower on an H100).
 THRESHOLD_SCORES = 2048
+# Programs of at most this many queries (512 candidates and more) stop bisecting once every query's
+# count is exact: on an H100, 32K / 64 / 96's gate from 5.1 to 4.3 ms. With more queries the slowest
+# row's steps and the loop's test cost more than they save (512 / 96: 11.3 to 12.6 ms).
+STOP_EARLY_QUERIES = 4
 
 
 def default_kernel(num_selected: int, max_candidates: int) -> str:
@@ -117,7 +122,7 @@ def _gate_kernel(Q, S, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride_qh, s
 
 @triton.jit
 def _threshold_kernel(Q, ST, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride_qh, stride_sh, stride_sd,
-                      group, slots, D: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+                      group, slots, D: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, STOP_EARLY: tl.constexpr):
     """Each query's ``slots`` best candidates, from all its candidate scores held at once.
     ``ST [Hkv, D, blocks]`` fp32: the block key sums, transposed so a head dim's row is contiguous."""
     h = tl.program_id(1)
@@ -146,14 +151,23 @@ def _threshold_kernel(Q, ST, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride
     bits = scores.to(tl.int32, bitcast=True)
     key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), -(2**31))  # IEEE order -> int order
     need = tl.minimum(tl.sum(valid.to(tl.int32), 1), slots)
-    # The need-th largest key: the largest x with at least ``need`` keys >= x.
+    # The need-th largest key: the largest x with at least ``need`` keys >= x, or, stopping early, any x
+    # with exactly ``need`` keys >= x (the same keys are chosen).
     lo = tl.full([BM], -(2**31), tl.int64)
     hi = tl.full([BM], 2**31 - 1, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1  # in int64: lo + hi overflows int32
-        enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= need
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+    if STOP_EARLY:
+        while tl.max((lo < hi).to(tl.int32), 0) > 0:
+            mid = (lo + hi + 1) >> 1  # in int64: lo + hi overflows int32
+            count = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
+            enough = count >= need
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(count == need, mid, tl.where(enough, hi, mid - 1))  # exact: lo = hi = mid
+    else:
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= need
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
     above = valid & (key > lo[:, None])
     tied = valid & (key == lo[:, None])
     room = need - tl.sum(above.to(tl.int32), 1)
@@ -186,7 +200,8 @@ def select_blocks_fused(q: torch.Tensor, block_sums: torch.Tensor, token_block: 
         bm = max(1, min(64, THRESHOLD_SCORES // nb))
         _threshold_kernel[(triton.cdiv(t, bm), hq)](
             q, sums_t, token_block, token_first_block, sel, t, q.stride(0), q.stride(1), sums_t.stride(0),
-            sums_t.stride(1), hq // hkv, num_selected, D=d, BM=bm, NB=nb, num_warps=4,
+            sums_t.stride(1), hq // hkv, num_selected, D=d, BM=bm, NB=nb, STOP_EARLY=bm <= STOP_EARLY_QUERIES,
+            num_warps=4,
         )
         return sel
     sel = torch.empty(t, hq, num_selected, dtype=torch.int32, device=q.device)
