@@ -93,29 +93,21 @@ def test_insertion_keeps_up_to_128(monkeypatch):
         assert torch.equal(fused, exact)
 
 
-@pytest.mark.parametrize("slots,kernel", [(2, "insertion"), (2, "threshold"), (130, "threshold")])
-def test_ties_go_to_the_lower_block(slots, kernel):
+# Blocks of 4 keys give 300 blocks: past 256 candidates a threshold program holds few queries and
+# stops bisecting at an exact count, which all-tied scores never give.
+@pytest.mark.parametrize("slots,kernel,chunk", [(2, "insertion", 8), (2, "threshold", 8), (130, "threshold", 8),
+                                                (130, "threshold", 4)])
+def test_ties_go_to_the_lower_block(slots, kernel, chunk):
+    assert chunk == 8 or fused_gate.THRESHOLD_SCORES // 512 <= fused_gate.STOP_EARLY_QUERIES
     k = torch.ones(1200, 1, 16, device=DEVICE)
     q = torch.ones(1200, 1, 16, device=DEVICE)
-    layout = block_layout((0, 1200), 8, torch.device(DEVICE))
+    layout = block_layout((0, 1200), chunk, torch.device(DEVICE))
     sel = fused_gate.select_blocks_fused(q, gating.block_key_sums(k, layout), layout.token_block,
                                          layout.token_first_block, slots, layout.max_candidates, kernel=kernel)
-    assert sel[1199, 0].tolist() == list(range(slots))  # 149 candidates, all tied
-    assert sel[10, 0].tolist() == [0] + [-1] * (slots - 1)  # block 1 has only block 0 before it
-    assert sel[3, 0].tolist() == [-1] * slots
-
-
-def test_ties_go_to_the_lower_block_where_bisection_stops_early():
-    """Past 256 candidates a threshold program holds few queries and stops bisecting at an exact count,
-    which all-tied scores never give: the tied blocks are still taken lowest first."""
-    assert fused_gate.THRESHOLD_SCORES // 512 <= fused_gate.STOP_EARLY_QUERIES
-    k = torch.ones(1200, 1, 16, device=DEVICE)
-    q = torch.ones(1200, 1, 16, device=DEVICE)
-    layout = block_layout((0, 1200), 4, torch.device(DEVICE))  # 300 blocks
-    sel = fused_gate.select_blocks_fused(q, gating.block_key_sums(k, layout), layout.token_block,
-                                         layout.token_first_block, 130, layout.max_candidates, kernel="threshold")
-    assert sel[1199, 0].tolist() == list(range(130))  # 299 candidates, all tied
-    assert sel[12, 0].tolist() == [0, 1, 2] + [-1] * 127  # fewer candidates than selections
+    # Token 1199 has 149 or 299 candidates, all tied; token 10 one or two; token 3 none at blocks of 8.
+    for token in (1199, 10, 3):
+        n = min(slots, token // chunk)
+        assert sel[token, 0].tolist() == list(range(n)) + [-1] * (slots - n)
 
 
 @pytest.mark.parametrize("lens,chunk,slots,hq,hkv,d", CASES[:6] + [([4096], 64, 7, 4, 2, 128)])
