@@ -155,6 +155,8 @@ def _threshold_kernel(Q, ST, TOKEN_BLOCK, TOKEN_FIRST, SEL, T, stride_qt, stride
     # with exactly ``need`` keys >= x (the same keys are chosen).
     lo = tl.full([BM], -(2**31), tl.int64)
     hi = tl.full([BM], 2**31 - 1, tl.int64)
+    # Two loops with their own step, not one shared jit step: sharing it made the 32-halving loop 40%
+    # slower on an H100 (32K / 128 / 48: 3.2 to 4.6 ms).
     if STOP_EARLY:
         while tl.max((lo < hi).to(tl.int32), 0) > 0:
             mid = (lo + hi + 1) >> 1  # in int64: lo + hi overflows int32
