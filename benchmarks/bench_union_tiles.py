@@ -126,6 +126,7 @@ def main():
     dout = torch.randn_like(q)
     cu = torch.tensor([0, t], dtype=torch.int32)
     flex = torch.compile(flex_attention, dynamic=False)
+    torch._dynamo.config.recompile_limit = 64  # a graph per mask function, block size and grad mode
     results = []
 
     def record(**row):
