@@ -175,13 +175,39 @@ def gate() -> list[str]:
     return [*out, "", f"Sources: {_source(runs[0])}; {_source(runs[1])}."]
 
 
+def union_tiles() -> list[str]:
+    """`bench_union_tiles.py`: MoBA as query tiles over their union of blocks, at FlexAttention's rate,
+    against the op's per-row kernels; every ratio over cuDNN dense in the same run."""
+    run = _load("union-tiles.json")
+    rows = run["results"]
+    base = {r["method"]: r["ms"] for r in rows if r["method"] in ("cudnn", "flex-causal")}
+    op = {(r["chunk"], r["topk"]): r["ms"] for r in rows if r["method"] == "moba"}
+    cudnn = base["cudnn"]
+    out = ["| block / top-k | selection | key tiles, of dense causal's | union bound ms | over cuDNN | with the gate "
+           "| exact masks ms | the op (per row) over cuDNN |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["method"] != "union-tiles":
+            continue
+        case = (r["chunk"], r["topk"])
+        source = "the gate's, random inputs" if r["selection"] == "gate" else f"tiles sharing {r['union']:.2f}"
+        exact = f"{r['exact_ms']:.1f}" if "exact_ms" in r else "-"
+        per_row = f"**{op[case] / cudnn:.2f}**" if r["selection"] == "gate" else ""
+        gated = (r["bound_ms"] + r["gate_ms"]) / cudnn
+        out.append(f"| {r['chunk']} / {r['topk']} | {source} | {r['tiles_over_causal']:.2f} | {r['bound_ms']:.1f} | "
+                   f"**{r['bound_ms'] / cudnn:.2f}** | {gated:.2f} | {exact} | {per_row} |")
+    return [*out, "", f"{_length(run['seqlen'])}, {run['heads']} heads of {run['head_dim']}: cuDNN dense fwd+bwd "
+            f"{cudnn:.1f} ms, FlexAttention dense causal {base['flex-causal']:.1f} ms "
+            f"({base['flex-causal'] / cudnn:.2f}x).", "", f"Source: {_source(run)}."]
+
+
 TABLES = {"op-speed": op_speed, "small-blocks": small_blocks, "training-step": training_step,
           "retrieval-seeds": lambda: retrieval("needle-study-seeds"), "retrieval": retrieval,
           "retrieval-small-blocks": lambda: retrieval("needle-study-small-blocks"),
           "retrieval-512-12": lambda: retrieval("needle-study-512-12"),
           "retrieval-another-base": lambda: retrieval("needle-study-another-base"),
           "retrieval-plain": lambda: retrieval("needle-study-plain"), "selection-trained": selection_trained,
-          "gate": gate}
+          "gate": gate, "union-tiles": union_tiles}
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
