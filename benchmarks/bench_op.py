@@ -116,6 +116,13 @@ def measure(forward, inputs, dout, reps):
     return t_fwd, t_all, peak
 
 
+def dense_causal(q, k, v, sdpa_backend=SDPBackend.CUDNN_ATTENTION):
+    """Dense causal attention of ``[T, H, D]`` q, k, v through one SDPA backend (cuDNN: the fastest here)."""
+    with sdpa_kernel(sdpa_backend):
+        x = [y.unsqueeze(0).transpose(1, 2) for y in (q, k, v)]
+        return torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True).transpose(1, 2)[0]
+
+
 def moba_variants(backend: str | None, backward: str):
     """(label, backend name, tiles_backward_min_chunk override or "keep") of the MoBA runs."""
     if backward == "default":
@@ -175,9 +182,7 @@ def run_case(case: Case, d: int, reps: int, profile: bool, dense_done: dict, bac
                 continue
 
             def dense(q, k, v, sdpa_backend=sdpa_backend):
-                with sdpa_kernel(sdpa_backend):
-                    x = [y.unsqueeze(0).transpose(1, 2) for y in (q, k, v)]
-                    return torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True).transpose(1, 2)[0]
+                return dense_causal(q, k, v, sdpa_backend)
 
             try:
                 t_fwd, t_all, peak = measure(dense, (q, k, v), dout, max(1, reps // 2))

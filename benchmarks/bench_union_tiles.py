@@ -22,7 +22,6 @@ import argparse
 import json
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moba_megatron import moba_attn_varlen
@@ -107,7 +106,7 @@ def synthetic_selection(t: int, heads: int, chunk: int, topk: int, union: float,
 
 
 def main():
-    from bench_op import measure, timed  # this folder is on sys.path when the script runs
+    from bench_op import dense_causal, measure, timed  # this folder is on sys.path when the script runs
     from provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,12 +139,7 @@ def main():
         return lambda q, k, v: flex(heads_first(q), heads_first(k), heads_first(v),
                                     block_mask=block_mask).transpose(1, 2)[0]
 
-    def cudnn(q, k, v):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            x = [heads_first(y) for y in (q, k, v)]
-            return torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True).transpose(1, 2)[0]
-
-    record(method="cudnn", ms=measure(cudnn, (q, k, v), dout, args.reps)[1] * 1e3)
+    record(method="cudnn", ms=measure(dense_causal, (q, k, v), dout, args.reps)[1] * 1e3)
     causal, _ = union_block_mask(torch.ones(heads, t, 1, dtype=torch.bool, device="cuda"), t, exact=False)
     record(method="flex-causal", ms=measure(through_flex(causal), (q, k, v), dout, args.reps)[1] * 1e3)
     generator = torch.Generator(device="cuda").manual_seed(1)
